@@ -1,0 +1,206 @@
+"""GradNoiseMonitor: the gradient-noise statistics of a Lightning fit, logged as it trains."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from lightning_gradnoise.capture import GradNoiseTracker, parse_statistics
+from lightning_gradnoise.callbacks._compat import CallbackBase, extract_batch_size, namespace_of
+from lightning_gradnoise.callbacks._logging import log_histograms, log_scalars
+
+__all__ = ["GradNoiseMonitor", "MisconfigurationError"]
+
+
+class MisconfigurationError(ValueError):
+    """The Trainer is set up in a way the callback cannot measure; the message says how to fix it."""
+
+
+class GradNoiseMonitor(CallbackBase):
+    r"""Logs the gradient noise scale, gradient redundancy and GSNR while a model trains.
+
+    Each optimizer step's batch of :math:`B` samples is split into :math:`k` groups (devices x
+    ``accumulate_grad_batches`` micro-batches). From the groups' gradient norms it estimates
+    :math:`|G|^2` and :math:`\mathrm{tr}\,\Sigma` without bias (McCandlish et al. 2018, App. A),
+    smooths each with a bias-corrected EMA and logs, under ``gradnoise/``:
+
+    - ``b_simple`` :math:`= \mathrm{tr}\,\Sigma / |G|^2`, ``grad_sq``, ``trace_cov``;
+    - ``gr_s`` :math:`= (1 + B_\text{simple})/(B + B_\text{simple})` (GR-Gauge Lemma 2), ideal in
+      [0.5, 0.65];
+    - ``gr_t`` :math:`= |\hat v|_1/|\hat m|^2` (GR-Gauge Def. 1), ideal near 20; costs two
+      parameter-sized buffers and one multi-tensor update per step;
+    - ``gsnr``: mean elementwise :math:`g^2/\sigma^2` (VRGD Eq. 2); costs one parameter-sized buffer
+      of elementwise moments, filled only on the steps that are logged;
+    - ``batch_size`` (the global :math:`B`), ``skipped_steps`` (steps with non-finite gradients).
+
+    Per parameter tensor under ``gradnoise/layer/<name>/<statistic>`` with ``per_layer=True``;
+    histograms of each layer's :math:`\log_{10}` GSNR to TensorBoard and W&B with
+    ``histograms=True``.
+
+    Args:
+        statistics: any of ``"b_simple"``, ``"gr_s"``, ``"gr_t"``, ``"gsnr"``, or ``"all"``.
+        log_every_n_steps: log every this many optimizer steps; ``None`` takes the Trainer's.
+        ema_decay: EMA decay for :math:`|G|^2` and :math:`\mathrm{tr}\,\Sigma`, in ``[0, 1)``.
+        gr_t_beta: :math:`\beta` of :math:`GR_T` (0.9 in GR-Gauge), in ``(0, 1)``.
+        per_layer: also log one value per parameter tensor.
+        histograms: log per-layer GSNR histograms (needs ``"gsnr"``).
+        loss_reduction: ``"mean"`` if the training loss averages over the batch (the usual case),
+            ``"sum"`` if it sums; the group's mean gradient is recovered either way.
+        batch_size_fn: ``batch -> number of samples``; by default Lightning's own rule.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(accumulate_grad_batches=4, callbacks=[GradNoiseMonitor(statistics="all")])
+    """
+
+    def __init__(
+        self,
+        statistics: str | Iterable[str] = ("b_simple", "gr_s", "gsnr"),
+        log_every_n_steps: int | None = None,
+        ema_decay: float = 0.95,
+        gr_t_beta: float = 0.9,
+        per_layer: bool = False,
+        histograms: bool = False,
+        loss_reduction: str = "mean",
+        batch_size_fn: Callable[[Any], int] | None = None,
+    ) -> None:
+        self.statistics = parse_statistics(statistics)
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"log_every_n_steps={log_every_n_steps!r} is invalid: expected an int >= 1 or None")
+        if not (0.0 <= ema_decay < 1.0):
+            raise ValueError(f"ema_decay={ema_decay!r} is out of range: expected 0 <= ema_decay < 1")
+        if not (0.0 < gr_t_beta < 1.0):
+            raise ValueError(f"gr_t_beta={gr_t_beta!r} is out of range: expected 0 < gr_t_beta < 1")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r} is invalid: expected 'mean' or 'sum'")
+        if histograms and "gsnr" not in self.statistics:
+            raise ValueError("histograms=True needs 'gsnr' in statistics")
+        self.log_every_n_steps = log_every_n_steps
+        self.ema_decay = float(ema_decay)
+        self.gr_t_beta = float(gr_t_beta)
+        self.per_layer = bool(per_layer)
+        self.histograms = bool(histograms)
+        self.loss_reduction = loss_reduction
+        self.batch_size_fn = batch_size_fn or extract_batch_size
+        self.tracker: GradNoiseTracker | None = None
+        self.latest: dict[str, float] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._micro_size: int | None = None
+        self._logging_step = False
+
+    # -- set-up --------------------------------------------------------------------------------
+    def check_trainer(self, trainer: Any, pl_module: Any) -> None:
+        """Raise :class:`MisconfigurationError` if this Trainer cannot be measured."""
+        ns = namespace_of(trainer)
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationError(
+                "GradNoiseMonitor needs automatic optimization; this LightningModule sets "
+                "automatic_optimization = False. Use GradNoiseTracker in your training_step instead."
+            )
+        strategy = trainer.strategy
+        ddp = ns.strategies.DDPStrategy
+        if not isinstance(strategy, (ddp, ns.strategies.SingleDeviceStrategy)):
+            raise MisconfigurationError(
+                f"GradNoiseMonitor does not support strategy {type(strategy).__name__}: it needs whole "
+                "(unsharded) gradients on every device. Use strategy='gnddp' (or 'ddp') or a single device."
+            )
+        k = trainer.world_size * trainer.accumulate_grad_batches
+        if self.statistics & {"b_simple", "gsnr"} and k < 2:
+            raise MisconfigurationError(
+                f"GradNoiseMonitor({sorted(self.statistics)}) needs at least 2 gradient groups per step, "
+                f"and this Trainer has {trainer.world_size} device(s) x accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches}. Set Trainer(accumulate_grad_batches=4) (any value >= 2), "
+                "or train on 2+ devices with strategy='gnddp', or measure only statistics=('gr_t',)."
+            )
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self.check_trainer(trainer, pl_module)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.tracker = GradNoiseTracker(
+            pl_module.named_parameters(), self.statistics, ema_decay=self.ema_decay, gr_t_beta=self.gr_t_beta
+        ).attach()
+        if self._pending_state is not None:
+            self.tracker.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.detach()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.tracker is not None:
+            self.tracker.detach()
+
+    # -- per micro-batch -----------------------------------------------------------------------
+    def _every(self, trainer: Any) -> int:
+        return self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        assert self.tracker is not None
+        self._micro_size = int(self.batch_size_fn(batch))
+        if self.tracker.collector.num_groups == 0 and self.tracker.collector._scale is None:
+            self._logging_step = trainer.global_step % self._every(trainer) == 0
+            self.tracker.begin_step(elementwise=self._logging_step)
+
+    def group_scale(self, accumulate: int, loss_scale: float, micro_size: int) -> float:
+        """The factor from a micro-batch's raw gradient to its mean gradient.
+
+        Lightning divides the loss by ``accumulate_grad_batches`` and AMP multiplies it by the loss
+        scale; a summed loss is ``micro_size`` times the mean one."""
+        scale = accumulate / loss_scale
+        return scale / micro_size if self.loss_reduction == "sum" else scale
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        assert self.tracker is not None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        scale = self.group_scale(trainer.accumulate_grad_batches, loss_scale, self._micro_size or 1)
+        self.tracker.begin_group(scale=scale, size=self._micro_size)
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        assert self.tracker is not None
+        self.tracker.end_group()
+
+    # -- per optimizer step --------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        tracker = self.tracker
+        assert tracker is not None
+        groups = max(tracker.collector.num_groups, 1)
+        summary = tracker.finish_step(
+            grad_to_mean=trainer.accumulate_grad_batches / groups,
+            summarize=self._logging_step,
+            per_layer=self.per_layer,
+        )
+        tracker.collector.reset()
+        self._logging_step = False
+        if summary is None:
+            return
+        self.latest = summary
+        if trainer.is_global_zero:
+            step = trainer.global_step
+            log_scalars(trainer.loggers, {f"gradnoise/{k}": v for k, v in summary.items()}, step)
+            if self.histograms and tracker.histograms:
+                hists = {
+                    f"gradnoise/layer/{name}/log10_gsnr": values.clamp_min(1e-30).log10()
+                    for name, values in tracker.histograms.items()
+                    if values.numel()
+                }
+                log_histograms(trainer.loggers, hists, step)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.tracker is not None:
+            return {"tracker": self.tracker.state_dict(), "latest": dict(self.latest)}
+        return {"tracker": self._pending_state, "latest": dict(self.latest)} if self._pending_state else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self.latest = dict(state_dict.get("latest", {}))
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state_dict["tracker"])
+        else:
+            self._pending_state = state_dict["tracker"]

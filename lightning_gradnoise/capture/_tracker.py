@@ -1,0 +1,214 @@
+"""From captured moments to the logged statistics, one optimizer step at a time (no Lightning)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gradnoise.capture._collector import GradientMomentCollector, NamedParams
+from lightning_gradnoise.stats import (
+    GradientNoiseScale,
+    TemporalRedundancy,
+    gr_s,
+    gsnr,
+    gsnr_layer_stats,
+    gsnr_variance,
+    noise_scale_update_from_sums,
+)
+
+__all__ = ["STATISTICS", "GradNoiseTracker", "parse_statistics"]
+
+STATISTICS = ("b_simple", "gr_s", "gr_t", "gsnr")
+"""What can be measured; ``gr_s`` implies ``b_simple`` (it is computed from it)."""
+
+
+def parse_statistics(statistics: str | Iterable[str]) -> frozenset[str]:
+    """Validate a selection of :data:`STATISTICS` (``"all"`` selects every one)."""
+    chosen = set(STATISTICS) if statistics == "all" else ({statistics} if isinstance(statistics, str) else set(statistics))
+    unknown = chosen - set(STATISTICS)
+    if unknown or not chosen:
+        raise ValueError(f"statistics={statistics!r} is invalid: choose one or more of {STATISTICS} or 'all'")
+    if "gr_s" in chosen:
+        chosen.add("b_simple")
+    return frozenset(chosen)
+
+
+class GradNoiseTracker:
+    r"""Gradient-noise statistics of a model, step by step, in plain PyTorch.
+
+    Per optimizer step: one :meth:`begin_group` / :meth:`end_group` pair around each backward
+    (micro-batch), then :meth:`finish_step` once ``.grad`` holds the step's gradient. Under
+    ``torch.distributed`` the per-group sums are all-reduced in one small collective of
+    ``P + 3`` float64 values (``P`` parameter tensors); elementwise moments (GSNR) add one
+    parameter-sized all-reduce, only on steps where a summary is asked for.
+
+    Args:
+        params: a module or ``(name, parameter)`` pairs.
+        statistics: a selection of :data:`STATISTICS`.
+        ema_decay: decay of the EMAs of :math:`|G|^2` and :math:`\mathrm{tr}\,\Sigma`.
+        gr_t_beta: :math:`\beta` of :math:`GR_T`'s EMAs (0.9 in GR-Gauge).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> tracker = GradNoiseTracker(model, statistics=("b_simple", "gr_s")).attach()
+        >>> for step in range(3):
+        ...     model.zero_grad()
+        ...     tracker.begin_step()
+        ...     for xb in torch.randn(2, 16, 4).unbind(0):
+        ...         tracker.begin_group(scale=2.0, size=16)
+        ...         (model(xb).square().mean() / 2).backward()
+        ...         tracker.end_group()
+        ...     summary = tracker.finish_step(summarize=True)
+        >>> sorted(summary)[:3]
+        ['b_simple', 'batch_size', 'gr_s']
+    """
+
+    def __init__(
+        self,
+        params: NamedParams,
+        statistics: str | Iterable[str] = ("b_simple", "gr_s", "gsnr"),
+        ema_decay: float = 0.95,
+        gr_t_beta: float = 0.9,
+    ) -> None:
+        self.statistics = parse_statistics(statistics)
+        self.collector = GradientMomentCollector(params)
+        self.noise_scale = GradientNoiseScale(ema_decay)
+        self.temporal = TemporalRedundancy(gr_t_beta)
+        self.skipped_steps = 0
+        self.steps = 0
+        self.histograms: dict[str, Tensor] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return self.collector.names
+
+    @property
+    def needs_groups(self) -> bool:
+        """Whether the selection needs at least two groups per step (all but ``gr_t`` do)."""
+        return bool(self.statistics & {"b_simple", "gsnr"})
+
+    def attach(self) -> "GradNoiseTracker":
+        self.collector.attach()
+        return self
+
+    def detach(self) -> None:
+        self.collector.detach()
+
+    # -- per step -----------------------------------------------------------------------------
+    def begin_step(self, elementwise: bool = False) -> None:
+        """Start a step; ``elementwise`` captures the moments GSNR needs (only if selected)."""
+        self.collector.reset()
+        self.collector.set_elementwise(elementwise and "gsnr" in self.statistics)
+
+    def begin_group(self, scale: float = 1.0, size: int | None = None) -> None:
+        self.collector.begin_group(scale, size)
+
+    def end_group(self) -> None:
+        self.collector.end_group()
+
+    def finish_step(
+        self, grad_to_mean: float = 1.0, summarize: bool = False, per_layer: bool = False, process_group: Any = None
+    ) -> dict[str, float] | None:
+        """Fold the step into the running statistics.
+
+        Args:
+            grad_to_mean: factor turning ``.grad`` into the mean of the group gradients (Lightning
+                divides each micro-batch loss by ``accumulate_grad_batches``; on a short last
+                window that is ``accumulate_grad_batches / groups``).
+            summarize: return the current values (otherwise ``None``).
+            per_layer: add ``layer/<name>/<statistic>`` entries to the summary.
+            process_group: for ``torch.distributed``; ``None`` is the default group.
+
+        Returns:
+            ``None``, or a dict of floats, identical on every rank. A step whose gradients are
+            not finite is skipped whole (``skipped_steps`` grows) and nothing is folded in.
+        """
+        col = self.collector
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in col.params]
+        device = col.params[0].device
+        k_local = col.num_groups
+        sizes = col.group_sizes
+        local = torch.zeros(len(grads) + 3, dtype=torch.float64, device=device)
+        if k_local:
+            local[: len(grads)] = col.group_sq_norms().sum(0)
+            local[-3] = k_local
+            local[-2] = sum(1.0 / s for s in sizes if s) if all(sizes) else float("nan")
+            local[-1] = sum(s for s in sizes if s) if all(sizes) else float("nan")
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+        if distributed:
+            dist.all_reduce(local, group=process_group)
+        k, inv_size_sum, batch = int(local[-3]), float(local[-2]), float(local[-1])
+        if grad_to_mean != 1.0:
+            grads = torch._foreach_mul(grads, grad_to_mean)
+        big = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
+        sums = local[: len(grads)]
+        if not (bool(torch.isfinite(big).all()) and bool(torch.isfinite(sums).all())):
+            self.skipped_steps += 1
+            return self._summary(batch, None, per_layer) if summarize else None
+        self.steps += 1
+        if "b_simple" in self.statistics and k >= 2 and inv_size_sum == inv_size_sum:
+            stats = noise_scale_update_from_sums(sums, big, k, inv_size_sum)
+            self.noise_scale.grad_sq.update(stats.grad_sq)
+            self.noise_scale.trace_cov.update(stats.trace_cov)
+        if "gr_t" in self.statistics:
+            self.temporal.update(grads)
+        layer_gsnr = None
+        if summarize and col.elementwise and k >= 2:
+            layer_gsnr = self._gsnr(grads, k, distributed, process_group)
+        return self._summary(batch, layer_gsnr, per_layer) if summarize else None
+
+    def _gsnr(self, grads: Sequence[Tensor], k: int, distributed: bool, group: Any) -> tuple[Tensor, Tensor]:
+        sq_sum = self.collector.elementwise_sq_sum()
+        if distributed:
+            flat = torch.cat([t.reshape(-1) for t in sq_sum])
+            dist.all_reduce(flat, group=group)
+            sq_sum = list(torch.split(flat, [t.numel() for t in sq_sum]))
+            sq_sum = [s.view_as(t) for s, t in zip(sq_sum, grads)]
+        ratios = [gsnr(g.to(s.dtype), gsnr_variance(s, g.to(s.dtype), k)) for s, g in zip(sq_sum, grads)]
+        self.histograms = {name: r[~torch.isnan(r)].detach().flatten().cpu() for name, r in zip(self.names, ratios)}
+        return gsnr_layer_stats(ratios)
+
+    def _summary(self, batch: float, layer_gsnr: tuple[Tensor, Tensor] | None, per_layer: bool) -> dict[str, float]:
+        out: dict[str, float] = {"batch_size": batch, "skipped_steps": float(self.skipped_steps)}
+        layers: dict[str, Tensor] = {}
+        if "b_simple" in self.statistics and self.noise_scale.grad_sq.count:
+            g2, tr = self.noise_scale.grad_sq.compute(), self.noise_scale.trace_cov.compute()
+            b_simple = tr.sum() / g2.sum()
+            out.update(b_simple=float(b_simple), grad_sq=float(g2.sum()), trace_cov=float(tr.sum()))
+            layers.update(b_simple=tr / g2, grad_sq=g2, trace_cov=tr)
+            if "gr_s" in self.statistics:
+                out["gr_s"] = float(gr_s(b_simple, batch))
+        if "gr_t" in self.statistics and self.temporal.count:
+            v1, m2 = self.temporal.components()
+            out["gr_t"] = float(v1.sum() / m2.sum())
+            layers["gr_t"] = v1 / m2
+        if layer_gsnr is not None:
+            sums, counts = layer_gsnr
+            out["gsnr"] = float(sums.sum() / counts.sum())
+            layers["gsnr"] = sums / counts
+        if per_layer:
+            for stat, values in layers.items():
+                for name, value in zip(self.names, values.tolist()):
+                    out[f"layer/{name}/{stat}"] = value
+        return out
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "noise_scale": self.noise_scale.state_dict(),
+            "temporal": self.temporal.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["names"]) != self.names:
+            raise ValueError("the checkpoint's gradient-noise state is for other parameters: " f"{state['names'][:3]}...")
+        self.noise_scale.load_state_dict(state["noise_scale"])
+        self.temporal.load_state_dict(state["temporal"], device=self.collector.params[0].device)
+        self.skipped_steps = int(state["skipped_steps"])
+        self.steps = int(state["steps"])

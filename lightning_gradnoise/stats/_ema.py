@@ -1,0 +1,78 @@
+"""Bias-corrected exponential moving averages that refuse non-finite input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["BiasCorrectedEMA"]
+
+
+class BiasCorrectedEMA:
+    r"""An exponential moving average with Adam-style bias correction.
+
+    .. math::
+        s_t = \beta s_{t-1} + (1 - \beta) x_t, \qquad \hat{s}_t = \frac{s_t}{1 - \beta^t}
+
+    The average of a tensor of any shape (a scalar, or one value per layer) is kept in float64.
+    An update whose input holds a non-finite value is refused whole and counted, so a single
+    overflowing step never poisons the average.
+
+    Args:
+        decay: :math:`\beta` in ``[0, 1)``. ``0`` keeps only the last value.
+
+    Example:
+        >>> ema = BiasCorrectedEMA(0.9)
+        >>> ema.update(torch.tensor(2.0))
+        True
+        >>> float(ema.compute())
+        2.0
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not (0.0 <= float(decay) < 1.0):
+            raise ValueError(f"decay={decay!r} is out of range: expected 0 <= decay < 1")
+        self.decay = float(decay)
+        self.count = 0
+        self.rejected = 0
+        self._sum: Tensor | None = None
+
+    def update(self, value: Tensor) -> bool:
+        """Fold ``value`` in; return ``False`` (and change nothing) if it is not finite."""
+        value = torch.as_tensor(value).detach().to(torch.float64)
+        if not bool(torch.isfinite(value).all()):
+            self.rejected += 1
+            return False
+        if self._sum is None:
+            self._sum = torch.zeros_like(value)
+        self._sum.mul_(self.decay).add_(value, alpha=1.0 - self.decay)
+        self.count += 1
+        return True
+
+    def compute(self) -> Tensor:
+        """The bias-corrected average; NaN before the first update."""
+        if self._sum is None:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self._sum / (1.0 - self.decay**self.count)
+
+    def reset(self) -> None:
+        self.count = 0
+        self.rejected = 0
+        self._sum = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "count": self.count,
+            "rejected": self.rejected,
+            "sum": None if self._sum is None else self._sum.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.count = int(state["count"])
+        self.rejected = int(state["rejected"])
+        s = state["sum"]
+        self._sum = None if s is None else torch.as_tensor(s, dtype=torch.float64).clone()

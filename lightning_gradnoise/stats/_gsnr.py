@@ -1,0 +1,71 @@
+r"""Per-element gradient signal-to-noise ratio (GSNR) from group gradients.
+
+VRGD (``papers/vrgd-gsnr-large-batch.md``), Eq. 2 and Eq. 7-10. With :math:`k` groups of mean
+gradients :math:`g_j` and :math:`g = \frac1k\sum_j g_j`, elementwise:
+
+.. math::
+    \sigma^2 = \frac1k\sum_j g_j^2 - g^2, \qquad r = \frac{g^2}{\sigma^2}
+
+:math:`\sigma^2` is the (biased, divide-by-:math:`k`) spread of the group gradients, as in the
+paper. Elements with :math:`\sigma^2 = 0` carry no measurable noise: their GSNR is undefined
+(NaN), they are left out of means, and the VR scaling leaves them at factor 1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["gsnr_variance", "gsnr", "gsnr_layer_stats", "gsnr_scale"]
+
+
+def gsnr_variance(sq_sum: Tensor, mean_grad: Tensor, k: int) -> Tensor:
+    r""":math:`\sigma^2 = \frac1k \sum_j g_j^2 - g^2`, clamped at 0 against rounding.
+
+    Args:
+        sq_sum: :math:`\sum_j g_j^2`, elementwise over the ``k`` groups.
+        mean_grad: :math:`g`, the mean of the group gradients.
+        k: number of groups, at least 2.
+    """
+    if k < 2:
+        raise ValueError(f"k={k!r}: GSNR needs at least 2 groups (devices x accumulation micro-batches)")
+    return (sq_sum / k - mean_grad.square()).clamp_min_(0.0)
+
+
+def gsnr(mean_grad: Tensor, variance: Tensor) -> Tensor:
+    r"""Elementwise :math:`r = g^2/\sigma^2`; NaN where :math:`\sigma^2 = 0`."""
+    valid = variance > 0
+    safe = torch.where(valid, variance, torch.ones_like(variance))
+    return torch.where(valid, mean_grad.square() / safe, torch.full_like(variance, float("nan")))
+
+
+def gsnr_layer_stats(ratios: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per tensor, the sum of the defined GSNR values and how many there are (float64).
+
+    The layer mean is ``sum / count``; the whole-model mean is ``sum.sum() / count.sum()``.
+    """
+    sums = torch.stack([torch.nansum(r, dtype=torch.float64) for r in ratios])
+    counts = torch.stack([(~torch.isnan(r)).sum().to(torch.float64) for r in ratios])
+    return sums, counts
+
+
+def gsnr_scale(ratio: Tensor, gamma: float = 0.1) -> Tensor:
+    r"""The VR gradient factor of one layer (VRGD Eq. 9-10).
+
+    .. math:: \tilde r = \mathrm{clamp}\!\left(\frac{r}{\mathrm{mean}_\text{layer}(r)}, \gamma, 1\right)
+
+    Undefined ratios (no noise) get factor 1; a layer with no defined ratio gets all ones.
+
+    Example:
+        >>> gsnr_scale(torch.tensor([1.0, 3.0]), gamma=0.1)   # mean 2: [0.5, 1.5] -> clamp
+        tensor([0.5000, 1.0000])
+    """
+    if not (0.0 < gamma <= 1.0):
+        raise ValueError(f"gamma={gamma!r} is out of range: expected 0 < gamma <= 1")
+    defined = ~torch.isnan(ratio)
+    count = defined.sum()
+    mean = torch.where(defined, ratio, torch.zeros_like(ratio)).sum() / count.clamp_min(1)
+    normalized = torch.where(defined & (mean > 0), ratio / torch.where(mean > 0, mean, torch.ones_like(mean)), torch.ones_like(ratio))
+    return normalized.clamp_(gamma, 1.0)

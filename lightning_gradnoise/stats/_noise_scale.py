@@ -1,0 +1,161 @@
+r"""The gradient noise scale :math:`B_\text{simple}` from per-group squared gradient norms.
+
+McCandlish et al. (2018), *An Empirical Model of Large-Batch Training*, App. A. A step's batch is
+split into :math:`k` groups (devices x accumulation micro-batches). With :math:`g_j` the mean
+gradient of group :math:`j` (of :math:`b_j` samples) and :math:`g = \frac1k\sum_j g_j`:
+
+.. math::
+    S_\text{small} = \frac1k \sum_j |g_j|^2, \quad
+    \mathbb{E}[S_\text{small}] = |G|^2 + a\,\mathrm{tr}\,\Sigma, \quad a = \frac1k\sum_j \frac{1}{b_j}
+
+    S_\text{big} = |g|^2, \quad
+    \mathbb{E}[S_\text{big}] = |G|^2 + c\,\mathrm{tr}\,\Sigma, \quad c = \frac{1}{k^2}\sum_j \frac{1}{b_j}
+
+Solving the two equations gives unbiased per-step estimates of :math:`|G|^2` and
+:math:`\mathrm{tr}\,\Sigma`. For equal groups (:math:`a = 1/b`, :math:`c = 1/B`) this is the
+paper's :math:`|G|^2 = (B S_\text{big} - b S_\text{small})/(B - b)` and
+:math:`\mathrm{tr}\,\Sigma = (S_\text{small} - S_\text{big})/(1/b - 1/B)`. Unequal groups (the
+short last batch of an epoch) use the general form, which weights the groups equally, as
+Lightning's gradient accumulation does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from lightning_gradnoise.stats._ema import BiasCorrectedEMA
+
+__all__ = ["NoiseScaleStats", "noise_scale_update", "noise_scale_update_from_sums", "noise_scale_compute", "GradientNoiseScale"]
+
+GroupSizes = Union[int, Sequence[int], Tensor]
+
+
+class NoiseScaleStats(NamedTuple):
+    """Unbiased one-step estimates, each of the shape of the norms given (per layer or total)."""
+
+    grad_sq: Tensor
+    """:math:`|G|^2`, the squared norm of the true gradient."""
+    trace_cov: Tensor
+    r""":math:`\mathrm{tr}\,\Sigma`, the trace of the per-sample gradient covariance."""
+
+
+def noise_scale_update(group_sq_norms: Tensor, mean_sq_norm: Tensor, group_sizes: GroupSizes) -> NoiseScaleStats:
+    r"""Unbiased :math:`|G|^2` and :math:`\mathrm{tr}\,\Sigma` from one step (McCandlish App. A.1).
+
+    Args:
+        group_sq_norms: ``[k, ...]``, :math:`|g_j|^2` for each of the ``k >= 2`` groups; trailing
+            dimensions (e.g. one per layer) are kept.
+        mean_sq_norm: ``[...]``, :math:`|g|^2` of the equally weighted mean gradient of the groups.
+        group_sizes: samples per group, one int for all or one per group.
+
+    Returns:
+        The two estimates, in float64. Either may come out negative on one step; only their
+        averages over many steps are meaningful.
+
+    Example:
+        >>> s = noise_scale_update(torch.tensor([5.0, 3.0]), torch.tensor(2.0), group_sizes=8)
+        >>> float(s.trace_cov), float(s.grad_sq)   # S_small=4, S_big=2, b=8, B=16
+        (32.0, 0.0)
+    """
+    group_sq_norms = torch.as_tensor(group_sq_norms, dtype=torch.float64)
+    mean_sq_norm = torch.as_tensor(mean_sq_norm, dtype=torch.float64)
+    if group_sq_norms.dim() == 0 or group_sq_norms.shape[0] < 2:
+        raise ValueError(
+            f"group_sq_norms has shape {tuple(group_sq_norms.shape)}: at least 2 groups are needed "
+            "(set accumulate_grad_batches >= 2 or train on 2+ devices)"
+        )
+    k = group_sq_norms.shape[0]
+    sizes = torch.as_tensor(group_sizes, dtype=torch.float64).reshape(-1)
+    if sizes.numel() == 1:
+        sizes = sizes.expand(k)
+    if sizes.numel() != k:
+        raise ValueError(f"group_sizes has {sizes.numel()} entries but there are {k} groups")
+    if bool((sizes <= 0).any()):
+        raise ValueError(f"group_sizes={sizes.tolist()} is invalid: every group size must be positive")
+    return noise_scale_update_from_sums(group_sq_norms.sum(0), mean_sq_norm, k, float((1.0 / sizes).sum()))
+
+
+def noise_scale_update_from_sums(
+    sq_norm_sum: Tensor, mean_sq_norm: Tensor, num_groups: int, inv_size_sum: float
+) -> NoiseScaleStats:
+    r""":func:`noise_scale_update` from sums, as they arrive from an all-reduce across devices.
+
+    Args:
+        sq_norm_sum: :math:`\sum_j |g_j|^2` over all groups (per layer or total).
+        mean_sq_norm: :math:`|g|^2`, :math:`g = \frac1k \sum_j g_j`.
+        num_groups: :math:`k \ge 2`.
+        inv_size_sum: :math:`\sum_j 1/b_j`.
+    """
+    k = int(num_groups)
+    if k < 2:
+        raise ValueError(
+            f"num_groups={k}: at least 2 groups are needed "
+            "(set accumulate_grad_batches >= 2 or train on 2+ devices)"
+        )
+    if not inv_size_sum > 0:
+        raise ValueError(f"inv_size_sum={inv_size_sum!r} must be positive (group sizes must be positive)")
+    a, c = inv_size_sum / k, inv_size_sum / k**2
+    s_small = torch.as_tensor(sq_norm_sum, dtype=torch.float64) / k
+    mean_sq_norm = torch.as_tensor(mean_sq_norm, dtype=torch.float64)
+    trace_cov = (s_small - mean_sq_norm) / (a - c)
+    grad_sq = (a * mean_sq_norm - c * s_small) / (a - c)
+    return NoiseScaleStats(grad_sq=grad_sq, trace_cov=trace_cov)
+
+
+def noise_scale_compute(grad_sq: Tensor, trace_cov: Tensor) -> Tensor:
+    r""":math:`B_\text{simple} = \mathrm{tr}\,\Sigma / |G|^2` (McCandlish Eq. 2.9).
+
+    Pass *smoothed* numerator and denominator; the ratio of averages is the estimator, an
+    average of per-step ratios is badly biased.
+    """
+    return torch.as_tensor(trace_cov, dtype=torch.float64) / torch.as_tensor(grad_sq, dtype=torch.float64)
+
+
+class GradientNoiseScale:
+    r"""Running :math:`B_\text{simple}`: separate bias-corrected EMAs of :math:`|G|^2` and
+    :math:`\mathrm{tr}\,\Sigma`, divided last.
+
+    Works on whole-model or per-layer norms (any trailing shape); :meth:`compute` with
+    ``total=True`` sums the layers first, which is the whole-model value.
+
+    Args:
+        decay: EMA decay in ``[0, 1)``.
+
+    Example:
+        >>> gns = GradientNoiseScale(decay=0.9)
+        >>> gns.update(torch.tensor([5.0, 3.0]), torch.tensor(2.0), group_sizes=8)
+        True
+        >>> float(gns.compute())
+        inf
+    """
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.grad_sq = BiasCorrectedEMA(decay)
+        self.trace_cov = BiasCorrectedEMA(decay)
+
+    def update(self, group_sq_norms: Tensor, mean_sq_norm: Tensor, group_sizes: GroupSizes) -> bool:
+        """Fold one step in; a step with a non-finite input is refused whole (returns ``False``)."""
+        stats = noise_scale_update(group_sq_norms, mean_sq_norm, group_sizes)
+        if not (bool(torch.isfinite(stats.grad_sq).all()) and bool(torch.isfinite(stats.trace_cov).all())):
+            self.grad_sq.rejected += 1
+            self.trace_cov.rejected += 1
+            return False
+        self.grad_sq.update(stats.grad_sq)
+        self.trace_cov.update(stats.trace_cov)
+        return True
+
+    def compute(self, total: bool = True) -> Tensor:
+        g2, tr = self.grad_sq.compute(), self.trace_cov.compute()
+        if total:
+            g2, tr = g2.sum(), tr.sum()
+        return noise_scale_compute(g2, tr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"grad_sq": self.grad_sq.state_dict(), "trace_cov": self.trace_cov.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.grad_sq.load_state_dict(state["grad_sq"])
+        self.trace_cov.load_state_dict(state["trace_cov"])

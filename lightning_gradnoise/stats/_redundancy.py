@@ -1,0 +1,235 @@
+r"""Gradient redundancy ratios of GR-Gauge: spatial :math:`GR_S` and temporal :math:`GR_T`.
+
+Wang & Chen, *GR-Gauge* (supplement in ``papers/gr-gauge-supplement.md``): Def. 2 and Lemma 2
+for :math:`GR_S`, Def. 1, Lemma 1 (Eq. 19) and Theorem 1 for :math:`GR_T`, App. D for the
+multi-device estimate, App. E for the ideal ranges.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GR_S_BAND",
+    "GR_T_TARGET",
+    "gr_s",
+    "gr_s_groups",
+    "mu_from_gr_s_groups",
+    "batch_range_for_gr_s",
+    "check_band",
+    "gr_t_expected",
+    "gr_t_frozen_steady_state",
+    "TemporalRedundancy",
+]
+
+GR_S_BAND = (0.5, 0.65)
+"""The ideal :math:`GR_S` band (GR-Gauge App. E): :math:`B` between about :math:`\\mu/2` and :math:`\\mu`."""
+GR_T_TARGET = 20.0
+"""The ideal :math:`GR_T` (GR-Gauge App. E: Eq. 19 at :math:`B=\\mu, \\eta = 1/(2\\bar\\lambda), \\beta=0.9`)."""
+
+
+def check_band(band: Sequence[float], name: str = "band") -> tuple[float, float]:
+    """Validate a ``(low, high)`` band of :math:`GR_S` values: ``0 < low < high < 1``."""
+    try:
+        low, high = (float(v) for v in band)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={band!r} is invalid: expected two numbers (low, high)") from None
+    if not (0.0 < low < high < 1.0):
+        raise ValueError(f"{name}={tuple(band)!r} is invalid: expected 0 < low < high < 1")
+    return low, high
+
+
+def gr_s(b_simple: Tensor | float, batch_size: Tensor | float) -> Tensor:
+    r"""Expected spatial redundancy at global batch :math:`B` (GR-Gauge Lemma 2, Eq. 25).
+
+    .. math:: GR_S = \frac{1 + \mu}{B + \mu}, \qquad \mu = B_\text{simple}
+
+    Example:
+        >>> float(gr_s(100.0, 100.0))   # B = mu gives about 0.5
+        0.505
+    """
+    mu = torch.as_tensor(b_simple, dtype=torch.float64)
+    return (1.0 + mu) / (torch.as_tensor(batch_size, dtype=torch.float64) + mu)
+
+
+def gr_s_groups(group_sq_norms: Tensor, mean_sq_norm: Tensor) -> Tensor:
+    r""":math:`\xi_k` of GR-Gauge App. D (Eq. 31) over all ``k`` groups of one step.
+
+    .. math:: \xi_k = \frac{\sum_j |g_j|^2}{|\sum_j g_j|^2} = \frac{S_\text{small}}{k\,S_\text{big}}
+    """
+    group_sq_norms = torch.as_tensor(group_sq_norms, dtype=torch.float64)
+    k = group_sq_norms.shape[0]
+    return group_sq_norms.mean(0) / (k * torch.as_tensor(mean_sq_norm, dtype=torch.float64))
+
+
+def mu_from_gr_s_groups(xi: Tensor | float, k: int, group_size: float) -> Tensor:
+    r""":math:`\mu` from :math:`\xi_k` by inverting Eq. 33 (GR-Gauge App. D, Eq. 34).
+
+    .. math:: \mu = b\left(\frac{k - 1}{1 - \xi_k} - k\right)
+    """
+    xi = torch.as_tensor(xi, dtype=torch.float64)
+    return group_size * ((k - 1) / (1.0 - xi) - k)
+
+
+def batch_range_for_gr_s(b_simple: float, band: Sequence[float] = GR_S_BAND) -> tuple[float, float]:
+    r"""The global batch sizes whose :math:`GR_S` lies in ``band`` (Lemma 2 inverted).
+
+    .. math:: B = \frac{1 + \mu}{GR_S} - \mu
+
+    Returns ``(B_low, B_high)``: ``B_low`` gives the band's upper end, ``B_high`` its lower end
+    (:math:`GR_S` falls as :math:`B` grows, Theorem 2).
+
+    Example:
+        >>> lo, hi = batch_range_for_gr_s(1000.0)
+        >>> round(lo), round(hi)
+        (540, 1002)
+    """
+    low, high = check_band(band)
+    mu = float(b_simple)
+    return (1.0 + mu) / high - mu, (1.0 + mu) / low - mu
+
+
+def _divided_power(a: Tensor, b: Tensor, p: float) -> Tensor:
+    r""":math:`(a^p - b^p)/(a - b)`, continued by :math:`p\,m^{p-1}` (:math:`m = (a+b)/2`) where
+    :math:`a \approx b`, which is exact to second order and removes the 0/0."""
+    diff = a - b
+    close = diff.abs() < 1e-6
+    safe = torch.where(close, torch.ones_like(diff), diff)
+    exact = (a**p - b**p) / safe
+    mid = 0.5 * (a + b)
+    return torch.where(close, p * mid ** (p - 1.0), exact)
+
+
+def gr_t_expected(mu_over_b: Tensor | float, lr_lambda: Tensor | float, beta: float = 0.9) -> Tensor:
+    r"""Expected stable :math:`GR_T` of GR-Gauge Lemma 1 (Eq. 19).
+
+    With :math:`r = \mu/B`, :math:`x = \bar\lambda\eta`, :math:`T = 1/(1-\beta)`,
+    :math:`q = 1 - 2x/(1+r)` and :math:`p = 1 - x`, Eq. 19 is
+
+    .. math::
+        \mathbb{E}[GR_T] = \frac{(1+r)^2 (1-x-\beta)^2 (\beta^T - q^T)}
+                               {(1-\beta)\,(2x - (1-\beta)(1+r))\,(\beta^T - p^T)^2}
+                         = \frac{(1+r)\, D(\beta, q)}{(1-\beta)\, D(\beta, p)^2},
+
+    where :math:`D(a, b) = (a^T - b^T)/(a - b)`. The second form has no 0/0 at
+    :math:`2x = (1-\beta)(1+r)` (the removable singularity) nor at :math:`x = 1 - \beta`. It is
+    defined for :math:`0 \le x \le 1` and :math:`q \ge 0`; outside that it is NaN. At
+    :math:`x \to 0` it tends to :math:`(1+r)/(1-\beta^T)`.
+
+    Example:
+        >>> round(float(gr_t_expected(1.0, 0.5)), 1)   # B = mu, eta = 1/(2 lambda): about 20
+        23.0
+    """
+    if not (0.0 < beta < 1.0):
+        raise ValueError(f"beta={beta!r} is out of range: expected 0 < beta < 1")
+    r = torch.as_tensor(mu_over_b, dtype=torch.float64)
+    x = torch.as_tensor(lr_lambda, dtype=torch.float64)
+    r, x = torch.broadcast_tensors(r, x)
+    t = 1.0 / (1.0 - beta)
+    bt = torch.full_like(x, beta)
+    q = 1.0 - 2.0 * x / (1.0 + r)
+    p = 1.0 - x
+    value = (1.0 + r) * _divided_power(bt, q, t) / ((1.0 - beta) * _divided_power(bt, p, t) ** 2)
+    valid = (x >= 0) & (p >= 0) & (q >= 0) & (r >= 0)
+    return torch.where(valid, value, torch.full_like(value, float("nan")))
+
+
+def gr_t_frozen_steady_state(mu_over_b: Tensor | float, beta: float = 0.9) -> Tensor:
+    r"""Exact steady-state :math:`GR_T` of a frozen model (learning rate 0) with gradient noise.
+
+    Each step's gradient is i.i.d. with mean :math:`G` and covariance :math:`\Sigma/B`, so
+    :math:`\mathbb{E}|\hat v|_1 \to |G|^2(1 + r)` and
+    :math:`\mathbb{E}|\hat m|^2 \to |G|^2(1 + r(1-\beta)/(1+\beta))`, :math:`r = \mu/B`:
+
+    .. math:: GR_T = \frac{1 + r}{1 + r\,(1-\beta)/(1+\beta)}
+    """
+    r = torch.as_tensor(mu_over_b, dtype=torch.float64)
+    return (1.0 + r) / (1.0 + r * (1.0 - beta) / (1.0 + beta))
+
+
+class TemporalRedundancy:
+    r""":math:`GR_T` of GR-Gauge Def. 1: elementwise EMAs of the step's mean gradient.
+
+    .. math::
+        m_t = \beta m_{t-1} + (1-\beta) g_t, \quad v_t = \beta v_{t-1} + (1-\beta) g_t^2, \quad
+        GR_T = \frac{|\hat v_t|_1}{|\hat m_t|^2}
+
+    with the bias corrections :math:`\hat m_t = m_t/(1-\beta^t)`, :math:`\hat v_t = v_t/(1-\beta^t)`.
+    It holds two buffers the size of the tensors it watches and must see every step's gradient.
+    The update uses torch's multi-tensor (``foreach``) kernels.
+
+    Args:
+        beta: EMA factor, 0.9 in the paper.
+
+    Example:
+        >>> grt = TemporalRedundancy(beta=0.9)
+        >>> grt.update([torch.ones(3)])
+        True
+        >>> round(float(grt.compute()), 6)   # a constant gradient has no redundancy over time
+        1.0
+    """
+
+    def __init__(self, beta: float = 0.9) -> None:
+        if not (0.0 < beta < 1.0):
+            raise ValueError(f"beta={beta!r} is out of range: expected 0 < beta < 1")
+        self.beta = float(beta)
+        self.count = 0
+        self.rejected = 0
+        self.m: list[Tensor] = []
+        self.v: list[Tensor] = []
+
+    def update(self, grads: Sequence[Tensor]) -> bool:
+        """Fold in one step's gradients; a step with any non-finite element is refused whole."""
+        grads = [g.detach() for g in grads]
+        if not grads:
+            return False
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if not bool(finite):
+            self.rejected += 1
+            return False
+        if not self.m:
+            self.m = [torch.zeros_like(g, dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype) for g in grads]
+            self.v = [torch.zeros_like(m) for m in self.m]
+        if any(g.dtype != m.dtype for g, m in zip(grads, self.m)):
+            grads = [g.to(m.dtype) for g, m in zip(grads, self.m)]
+        torch._foreach_lerp_(self.m, grads, 1.0 - self.beta)
+        torch._foreach_mul_(self.v, self.beta)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - self.beta)
+        self.count += 1
+        return True
+
+    def components(self) -> tuple[Tensor, Tensor]:
+        r"""Per tensor :math:`|\hat v|_1` and :math:`|\hat m|^2` (float64, one entry per tensor)."""
+        if not self.m:
+            nan = torch.tensor([float("nan")], dtype=torch.float64)
+            return nan, nan
+        corr = 1.0 - self.beta**self.count
+        v1 = torch.stack([v.sum(dtype=torch.float64) for v in self.v]) / corr
+        m2 = torch.stack([torch.linalg.vector_norm(m, dtype=torch.float64) ** 2 for m in self.m]) / corr**2
+        return v1, m2
+
+    def compute(self, total: bool = True) -> Tensor:
+        """Whole-model :math:`GR_T` (``total=True``) or one value per tensor."""
+        v1, m2 = self.components()
+        if total:
+            return v1.sum() / m2.sum()
+        return v1 / m2
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "beta": self.beta,
+            "count": self.count,
+            "rejected": self.rejected,
+            "m": [t.clone() for t in self.m],
+            "v": [t.clone() for t in self.v],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        self.beta = float(state["beta"])
+        self.count = int(state["count"])
+        self.rejected = int(state["rejected"])
+        self.m = [t.clone().to(device) if device is not None else t.clone() for t in state["m"]]
+        self.v = [t.clone().to(device) if device is not None else t.clone() for t in state["v"]]

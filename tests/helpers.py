@@ -1,0 +1,119 @@
+"""Shared test fixtures: the linear-regression ground truth and Lightning models for both namespaces."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
+
+
+def ns(name: str):
+    return importlib.import_module(name)
+
+
+@dataclass
+class LinRegTruth:
+    r"""x ~ N(0, I_d), y = w*.x + e, e ~ N(0, s^2), loss (w.x - y)^2 / 2, at a frozen w.
+
+    Per-sample gradient x (x.delta - e), delta = w - w*: mean G = delta and covariance
+    |delta|^2 I + delta delta^T + s^2 I (Isserlis), so tr(Sigma) = d(|delta|^2 + s^2) + |delta|^2.
+    """
+
+    d: int = 8
+    noise_std: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        g = torch.Generator().manual_seed(self.seed)
+        self.w_star = torch.randn(self.d, generator=g)
+        self.w0 = self.w_star + torch.randn(self.d, generator=g) * 0.5
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.w0 - self.w_star
+
+    @property
+    def grad_sq(self) -> float:
+        return float(self.delta.square().sum())
+
+    @property
+    def trace_cov(self) -> float:
+        d2 = self.grad_sq
+        return self.d * (d2 + self.noise_std**2) + d2
+
+    @property
+    def cov_diag(self) -> torch.Tensor:
+        return self.grad_sq + self.delta.square() + self.noise_std**2
+
+    @property
+    def b_simple(self) -> float:
+        return self.trace_cov / self.grad_sq
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, self.d, generator=generator)
+        y = x @ self.w_star + self.noise_std * torch.randn(n, generator=generator)
+        return x, y
+
+
+class StreamDataset(IterableDataset):
+    """Fresh samples from the population, seeded per rank, ``n_batches`` batches of ``batch``."""
+
+    def __init__(self, truth: LinRegTruth, batch: int, n_batches: int, seed: int = 1, rank: int = 0) -> None:
+        self.truth, self.batch, self.n_batches, self.seed, self.rank = truth, batch, n_batches, seed, rank
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
+        for _ in range(self.n_batches):
+            yield self.truth.sample(self.batch, g)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+
+def linreg_module(namespace: str, truth: LinRegTruth, lr: float = 0.0, batch: int = 16, n_batches: int = 64):
+    """A LightningModule of the given namespace: one linear layer (no bias) at truth.w0."""
+    L = ns(namespace)
+
+    class LinReg(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(truth.d, 1, bias=False)
+            with torch.no_grad():
+                self.lin.weight.copy_(truth.w0[None])
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return 0.5 * (self.lin(x).squeeze(-1) - y).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+        def train_dataloader(self):
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            return DataLoader(StreamDataset(truth, batch, n_batches, rank=rank), batch_size=None)
+
+    return LinReg()
+
+
+def trainer_kwargs(**kw):
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    base.update(kw)
+    return base
+
+
+def rel_err(a: float, b: float) -> float:
+    return abs(a - b) / abs(b) if b else math.inf
