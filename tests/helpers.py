@@ -117,3 +117,32 @@ def trainer_kwargs(**kw):
 
 def rel_err(a: float, b: float) -> float:
     return abs(a - b) / abs(b) if b else math.inf
+
+
+def recording_logger(namespace: str):
+    """A Lightning logger (of the namespace) that keeps every ``log_metrics`` call."""
+    L = ns(namespace)
+
+    class Recorder(L.loggers.Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int, dict]] = []
+
+        @property
+        def name(self) -> str:
+            return "recorder"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self.rows.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            pass
+
+        def series(self, key: str) -> list[tuple[int, float]]:
+            return [(s, m[key]) for s, m in self.rows if key in m]
+
+    return Recorder()

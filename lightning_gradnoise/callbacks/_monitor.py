@@ -168,9 +168,9 @@ class GradNoiseMonitor(CallbackBase):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         tracker = self.tracker
         assert tracker is not None
-        groups = max(tracker.collector.num_groups, 1)
         summary = tracker.finish_step(
-            grad_to_mean=trainer.accumulate_grad_batches / groups,
+            loss_divisor=trainer.accumulate_grad_batches,
+            loss_reduction=self.loss_reduction,
             summarize=self._logging_step,
             per_layer=self.per_layer,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -110,54 +111,69 @@ class GradNoiseTracker:
         self.collector.end_group()
 
     def finish_step(
-        self, grad_to_mean: float = 1.0, summarize: bool = False, per_layer: bool = False, process_group: Any = None
+        self,
+        loss_divisor: float = 1.0,
+        loss_reduction: str = "mean",
+        summarize: bool = False,
+        per_layer: bool = False,
+        process_group: Any = None,
     ) -> dict[str, float] | None:
-        """Fold the step into the running statistics.
+        """Fold the step into the running statistics, once ``.grad`` holds the step's gradient.
 
         Args:
-            grad_to_mean: factor turning ``.grad`` into the mean of the group gradients (Lightning
-                divides each micro-batch loss by ``accumulate_grad_batches``; on a short last
-                window that is ``accumulate_grad_batches / groups``).
+            loss_divisor: what each micro-batch loss was divided by before backward (Lightning
+                divides by ``accumulate_grad_batches``).
+            loss_reduction: ``"mean"`` if each micro-batch loss averages over its samples (the
+                step's gradient then weights groups equally), ``"sum"`` if it sums (the step's
+                gradient is the sample-weighted mean).
             summarize: return the current values (otherwise ``None``).
             per_layer: add ``layer/<name>/<statistic>`` entries to the summary.
-            process_group: for ``torch.distributed``; ``None`` is the default group.
+            process_group: for ``torch.distributed``; ``None`` is the default group. Under DDP,
+                ``.grad`` is the average over ranks.
 
         Returns:
             ``None``, or a dict of floats, identical on every rank. A step whose gradients are
             not finite is skipped whole (``skipped_steps`` grows) and nothing is folded in.
         """
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r} is invalid: expected 'mean' or 'sum'")
         col = self.collector
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in col.params]
-        device = col.params[0].device
-        k_local = col.num_groups
+        n = len(col.params)
         sizes = col.group_sizes
-        local = torch.zeros(len(grads) + 3, dtype=torch.float64, device=device)
-        if k_local:
-            local[: len(grads)] = col.group_sq_norms().sum(0)
-            local[-3] = k_local
-            local[-2] = sum(1.0 / s for s in sizes if s) if all(sizes) else float("nan")
-            local[-1] = sum(s for s in sizes if s) if all(sizes) else float("nan")
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
-        if distributed:
+        local = torch.zeros(n + 3, dtype=torch.float64, device=col.params[0].device)
+        if col.num_groups:
+            local[:n] = col.group_sq_norms().sum(0)
+            local[n] = col.num_groups
+            known = all(sizes)
+            local[n + 1] = sum(1.0 / s for s in sizes) if known else float("nan")
+            local[n + 2] = sum(sizes) if known else float("nan")
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size(process_group)
+        if world > 1:
             dist.all_reduce(local, group=process_group)
-        k, inv_size_sum, batch = int(local[-3]), float(local[-2]), float(local[-1])
-        if grad_to_mean != 1.0:
-            grads = torch._foreach_mul(grads, grad_to_mean)
+        sums, k, inv_size_sum, batch = local[:n], int(local[n]), float(local[n + 1]), float(local[n + 2])
+        # .grad = (1 / (world * divisor)) * sum over groups of g_j (mean) or of b_j g_j (sum)
+        total = k if loss_reduction == "mean" else batch
+        factor = world * loss_divisor / total if total > 0 else 1.0
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in col.params]
+        if factor != 1.0:
+            grads = torch._foreach_mul(grads, factor)
         big = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
-        sums = local[: len(grads)]
         if not (bool(torch.isfinite(big).all()) and bool(torch.isfinite(sums).all())):
             self.skipped_steps += 1
             return self._summary(batch, None, per_layer) if summarize else None
         self.steps += 1
-        if "b_simple" in self.statistics and k >= 2 and inv_size_sum == inv_size_sum:
-            stats = noise_scale_update_from_sums(sums, big, k, inv_size_sum)
+        if "b_simple" in self.statistics and k >= 2 and math.isfinite(inv_size_sum):
+            big_coef = 1.0 / batch if loss_reduction == "sum" else None
+            stats = noise_scale_update_from_sums(sums, big, k, inv_size_sum, big_coef)
             self.noise_scale.grad_sq.update(stats.grad_sq)
             self.noise_scale.trace_cov.update(stats.trace_cov)
         if "gr_t" in self.statistics:
             self.temporal.update(grads)
         layer_gsnr = None
         if summarize and col.elementwise and k >= 2:
-            layer_gsnr = self._gsnr(grads, k, distributed, process_group)
+            layer_gsnr = self._gsnr(grads, k, world > 1, process_group)
         return self._summary(batch, layer_gsnr, per_layer) if summarize else None
 
     def _gsnr(self, grads: Sequence[Tensor], k: int, distributed: bool, group: Any) -> tuple[Tensor, Tensor]:

@@ -79,7 +79,11 @@ def noise_scale_update(group_sq_norms: Tensor, mean_sq_norm: Tensor, group_sizes
 
 
 def noise_scale_update_from_sums(
-    sq_norm_sum: Tensor, mean_sq_norm: Tensor, num_groups: int, inv_size_sum: float
+    sq_norm_sum: Tensor,
+    mean_sq_norm: Tensor,
+    num_groups: int,
+    inv_size_sum: float,
+    big_coef: float | None = None,
 ) -> NoiseScaleStats:
     r""":func:`noise_scale_update` from sums, as they arrive from an all-reduce across devices.
 
@@ -88,6 +92,9 @@ def noise_scale_update_from_sums(
         mean_sq_norm: :math:`|g|^2`, :math:`g = \frac1k \sum_j g_j`.
         num_groups: :math:`k \ge 2`.
         inv_size_sum: :math:`\sum_j 1/b_j`.
+        big_coef: :math:`c`, the weight of :math:`\mathrm{tr}\,\Sigma` in :math:`\mathbb{E}[S_\text{big}]`.
+            By default :math:`\sum_j (1/b_j)/k^2`, right when :math:`g` weights the groups equally;
+            pass :math:`1/\sum_j b_j` when :math:`g` is the sample-weighted mean (a summed loss).
     """
     k = int(num_groups)
     if k < 2:
@@ -97,7 +104,10 @@ def noise_scale_update_from_sums(
         )
     if not inv_size_sum > 0:
         raise ValueError(f"inv_size_sum={inv_size_sum!r} must be positive (group sizes must be positive)")
-    a, c = inv_size_sum / k, inv_size_sum / k**2
+    a = inv_size_sum / k
+    c = inv_size_sum / k**2 if big_coef is None else float(big_coef)
+    if not a > c:
+        raise ValueError(f"big_coef={c!r} must be smaller than the mean inverse group size {a!r}")
     s_small = torch.as_tensor(sq_norm_sum, dtype=torch.float64) / k
     mean_sq_norm = torch.as_tensor(mean_sq_norm, dtype=torch.float64)
     trace_cov = (s_small - mean_sq_norm) / (a - c)
