@@ -1,0 +1,113 @@
+"""The moment collector on its own: plain PyTorch, no Lightning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradnoise.capture import GradientMomentCollector, GradNoiseTracker
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.used = nn.Linear(4, 1)
+        self.unused = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.used(torch.relu(self.body(x)))
+
+
+def test_unused_parameter_counts_as_zero_and_shared_weight_once() -> None:
+    torch.manual_seed(0)
+    model = TwoHeads()
+    col = GradientMomentCollector(model).attach()
+    for _ in range(2):
+        col.begin_group(size=5)
+        model(torch.randn(5, 3)).sum().backward()
+        col.end_group()
+    sq = col.group_sq_norms()
+    names = col.names
+    unused = [i for i, n in enumerate(names) if n.startswith("unused")]
+    assert sq.shape == (2, 6) and bool((sq[:, unused] == 0).all()) and bool((sq[:, :4] > 0).all())
+
+    # a weight used twice in one graph: the hook sees the summed gradient once
+    lin = nn.Linear(3, 3, bias=False)
+    c2 = GradientMomentCollector(lin).attach()
+    x = torch.randn(2, 3)
+    c2.begin_group()
+    lin(lin(x)).sum().backward()
+    c2.end_group()
+    assert float(c2.group_sq_norms()[0, 0]) == pytest.approx(float(lin.weight.grad.square().sum()), rel=1e-6)
+
+
+def test_scale_undoes_loss_scaling_exactly_in_float64() -> None:
+    torch.manual_seed(1)
+    model = nn.Linear(4, 2).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    norms = []
+    for loss_scale in (1.0, 1024.0):
+        model.zero_grad()
+        with GradientMomentCollector(model, elementwise=True) as col:
+            col.begin_group(scale=1.0 / loss_scale, size=8)
+            (model(x).square().mean() * loss_scale).backward()
+            col.end_group()
+            norms.append((col.group_sq_norms(), [t.clone() for t in col.elementwise_sq_sum()]))
+    assert torch.allclose(norms[0][0], norms[1][0], rtol=1e-12)
+    for a, b in zip(norms[0][1], norms[1][1]):
+        assert torch.allclose(a, b, rtol=1e-12)
+
+
+def test_detached_or_idle_collector_records_nothing() -> None:
+    model = nn.Linear(2, 1)
+    col = GradientMomentCollector(model).attach()
+    model(torch.ones(1, 2)).sum().backward()  # no open group
+    assert col.num_groups == 0
+    col.detach()
+    col.begin_group()
+    model(torch.ones(1, 2)).sum().backward()
+    col.end_group()
+    assert bool((col.group_sq_norms() == 0).all())
+
+
+def test_misuse_is_reported() -> None:
+    col = GradientMomentCollector(nn.Linear(2, 1))
+    with pytest.raises(RuntimeError, match="without begin_group"):
+        col.end_group()
+    col.begin_group()
+    with pytest.raises(RuntimeError, match="twice"):
+        col.begin_group()
+    with pytest.raises(RuntimeError, match="elementwise=True"):
+        col.elementwise_sq_sum()
+    frozen = nn.Linear(2, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="requires grad"):
+        GradientMomentCollector(frozen)
+
+
+def test_tracker_without_lightning_matches_direct_formula() -> None:
+    # accumulate 3 micro-batches by hand, as a plain PyTorch loop would
+    torch.manual_seed(2)
+    model = nn.Linear(3, 1)
+    tracker = GradNoiseTracker(model, statistics=("b_simple", "gr_s"), ema_decay=0.0).attach()
+    xs = torch.randn(3, 7, 3)
+    tracker.begin_step()
+    model.zero_grad()
+    group_grads = []
+    for xb in xs:
+        tracker.begin_group(scale=3.0, size=7)
+        (model(xb).square().mean() / 3).backward()
+        tracker.end_group()
+    for xb in xs:  # the reference: each group's gradient separately
+        g = torch.autograd.grad(model(xb).square().mean(), list(model.parameters()))
+        group_grads.append(torch.cat([t.flatten() for t in g]))
+    out = tracker.finish_step(loss_divisor=3, summarize=True)
+    G = torch.stack(group_grads).double()
+    s_small, s_big = float(G.square().sum(1).mean()), float(G.mean(0).square().sum())
+    b, B = 7, 21
+    tr = (s_small - s_big) / (1 / b - 1 / B)
+    g2 = (B * s_big - b * s_small) / (B - b)
+    assert out["trace_cov"] == pytest.approx(tr, rel=1e-5)
+    assert out["grad_sq"] == pytest.approx(g2, rel=1e-5)
+    assert out["batch_size"] == 21
