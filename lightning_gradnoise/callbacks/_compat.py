@@ -11,6 +11,8 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+from torch import Tensor
+
 __all__ = ["NAMESPACES", "CallbackBase", "namespace_of", "extract_batch_size"]
 
 
@@ -48,5 +50,9 @@ def namespace_of(trainer: Any) -> ModuleType:
 
 def extract_batch_size(batch: Any) -> int:
     """Samples in a batch, found as Lightning finds them (first dimension of the first tensor)."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor) and batch[0].dim():
+        return batch[0].shape[0]  # the common (inputs, targets) case, without the generic walk
     from_ns = next(iter(NAMESPACES.values()))
     return int(from_ns.utilities.data.extract_batch_size(batch))

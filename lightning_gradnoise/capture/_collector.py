@@ -61,6 +61,7 @@ class GradientMomentCollector:
         self._group_sizes: list[int | None] = []
         self._sq_sum: list[Tensor | None] = [None] * len(self.params)
         self._device = self.params[0].device
+        self._zero = torch.zeros((), device=self._device)
 
     # -- life cycle ---------------------------------------------------------------------------
     def attach(self) -> "GradientMomentCollector":
@@ -102,9 +103,9 @@ class GradientMomentCollector:
         A tensor that got no gradient in the group (unused) counts as zero."""
         if self._scale is None:
             raise RuntimeError("end_group() called without begin_group()")
-        zero = torch.zeros((), device=self._device)
-        row = torch.stack([zero if t is None else t.to(self._device) for t in self._current])
-        self._group_sq.append(row)
+        zero = self._zero
+        row = torch.stack([zero if t is None else t for t in self._current])
+        self._group_sq.append(row.square_().mul_(self._scale * self._scale))
         self._current = [None] * len(self.params)
         self._scale = None
 
@@ -126,20 +127,21 @@ class GradientMomentCollector:
                 buf.zero_()
 
     def _on_grad(self, index: int, grad: Tensor) -> None:
-        scale = self._scale
-        if scale is None:
+        # The hot path: one kernel per parameter and backward (the scale is applied per group).
+        if self._scale is None:
             return
-        g = grad.detach()
-        sq = torch.linalg.vector_norm(g).square()
-        if scale != 1.0:
-            sq = sq * (scale * scale)
+        norm = torch.linalg.vector_norm(grad)
         prev = self._current[index]
-        self._current[index] = sq if prev is None else prev + sq
+        if prev is None:
+            self._current[index] = norm
+        else:  # rare: a second backward inside one group
+            self._current[index] = torch.sqrt(prev.square() + norm.square())
         if self.elementwise:
             buf = self._sq_sum[index]
             if buf is None:
-                buf = self._sq_sum[index] = torch.zeros_like(g, dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype)
-            buf.addcmul_(g, g, value=scale * scale)
+                dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+                buf = self._sq_sum[index] = torch.zeros_like(grad, dtype=dtype)
+            buf.addcmul_(grad, grad, value=self._scale * self._scale)
 
     # -- results ------------------------------------------------------------------------------
     @property

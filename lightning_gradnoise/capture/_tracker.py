@@ -159,18 +159,18 @@ class GradNoiseTracker:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in col.params]
         if factor != 1.0:
             grads = torch._foreach_mul(grads, factor)
-        big = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
-        if not (bool(torch.isfinite(big).all()) and bool(torch.isfinite(sums).all())):
+        big = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square_()
+        if not bool(torch.isfinite(torch.cat([big, sums])).all()):  # the step's one sync
             self.skipped_steps += 1
             return self._summary(batch, None, per_layer) if summarize else None
         self.steps += 1
         if "b_simple" in self.statistics and k >= 2 and math.isfinite(inv_size_sum):
             big_coef = 1.0 / batch if loss_reduction == "sum" else None
             stats = noise_scale_update_from_sums(sums, big, k, inv_size_sum, big_coef)
-            self.noise_scale.grad_sq.update(stats.grad_sq)
-            self.noise_scale.trace_cov.update(stats.trace_cov)
+            self.noise_scale.grad_sq.update(stats.grad_sq, checked=True)
+            self.noise_scale.trace_cov.update(stats.trace_cov, checked=True)
         if "gr_t" in self.statistics:
-            self.temporal.update(grads)
+            self.temporal.update(grads, checked=True)
         layer_gsnr = None
         if summarize and col.elementwise and k >= 2:
             layer_gsnr = self._gsnr(grads, k, world > 1, process_group)

@@ -39,10 +39,12 @@ class BiasCorrectedEMA:
         self.rejected = 0
         self._sum: Tensor | None = None
 
-    def update(self, value: Tensor) -> bool:
-        """Fold ``value`` in; return ``False`` (and change nothing) if it is not finite."""
+    def update(self, value: Tensor, checked: bool = False) -> bool:
+        """Fold ``value`` in; return ``False`` (and change nothing) if it is not finite.
+
+        ``checked=True`` skips the finiteness test (and its device sync) for a caller that made it."""
         value = torch.as_tensor(value).detach().to(torch.float64)
-        if not bool(torch.isfinite(value).all()):
+        if not checked and not bool(torch.isfinite(value).all()):
             self.rejected += 1
             return False
         if self._sum is None:

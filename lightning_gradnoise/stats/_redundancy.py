@@ -181,15 +181,19 @@ class TemporalRedundancy:
         self.m: list[Tensor] = []
         self.v: list[Tensor] = []
 
-    def update(self, grads: Sequence[Tensor]) -> bool:
-        """Fold in one step's gradients; a step with any non-finite element is refused whole."""
+    def update(self, grads: Sequence[Tensor], checked: bool = False) -> bool:
+        """Fold in one step's gradients; a step with any non-finite element is refused whole.
+
+        ``checked=True`` skips that test for a caller that already made it (e.g. from norms)."""
         grads = [g.detach() for g in grads]
         if not grads:
             return False
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if not bool(finite):
+        if not checked and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             self.rejected += 1
             return False
+        if self.m and self.m[0].device != grads[0].device:
+            self.m = [t.to(grads[0].device) for t in self.m]
+            self.v = [t.to(grads[0].device) for t in self.v]
         if not self.m:
             self.m = [torch.zeros_like(g, dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype) for g in grads]
             self.v = [torch.zeros_like(m) for m in self.m]
