@@ -4,14 +4,15 @@
 
 The digits MLP of examples/digits_monitor.py, one CPU device, accumulate_grad_batches=4. Each
 configuration is fitted ``repeats`` times, interleaved with the baseline so that drifts in machine
-speed hit all alike; the time per optimizer step is taken between the end of the warm-up steps
-and the last step, and the ratio of medians is printed.
+speed hit all alike; each optimizer step after the warm-up is timed, a run counts the median step, and the ratio of
+the medians over runs (run in a shuffled order) is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -34,17 +35,21 @@ CONFIGS = {
 
 
 class StepTimer(L.Callback):
+    """Wall time of every optimizer step after the warm-up; a run's figure is their median,
+    which a stray pause of the machine does not move."""
+
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.t0, self.t1, self.n = warmup, None, None, 0
+        self.warmup, self.last, self.durations = warmup, None, []
 
     def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
-        # called once per optimizer step, after the previous step finished
-        if trainer.global_step == self.warmup:
-            self.t0, self.n0 = time.perf_counter(), trainer.global_step
-        self.t1, self.n = time.perf_counter(), trainer.global_step
+        # called once per optimizer step, before the step's first backward
+        now = time.perf_counter()
+        if self.last is not None and trainer.global_step > self.warmup:
+            self.durations.append(now - self.last)
+        self.last = now
 
     def per_step(self) -> float:
-        return (self.t1 - self.t0) / (self.n - self.n0)
+        return statistics.median(self.durations)
 
 
 def time_fit(monitor_kwargs: dict | None, steps: int, accumulate: int, micro: int) -> float:
@@ -79,8 +84,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     times: dict[str, list[float]] = {"baseline": [], **{name: [] for name in CONFIGS}}
+    order = [("baseline", None), *CONFIGS.items()]
+    rng = random.Random(0)
     for _ in range(args.repeats):
-        for name, kw in [("baseline", None), *CONFIGS.items()]:
+        rng.shuffle(order)  # no configuration always runs first, or right after another
+        for name, kw in order:
             times[name].append(time_fit(kw, args.steps, args.accumulate, args.micro_batch))
     base = statistics.median(times["baseline"])
     print(f"\ndigits MLP, 1 CPU device, accumulate_grad_batches={args.accumulate}, micro-batch {args.micro_batch}, "

@@ -119,8 +119,15 @@ class GradNoiseMonitor(CallbackBase):
             self.check_trainer(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # One process: set .grad aside per micro-batch (no per-tensor hook). DDP's reducer owns
+        # .grad during backward, so there the hooks read each local gradient instead.
+        single = trainer.world_size == 1 and not isinstance(trainer.strategy, namespace_of(trainer).strategies.DDPStrategy)
         self.tracker = GradNoiseTracker(
-            pl_module.named_parameters(), self.statistics, ema_decay=self.ema_decay, gr_t_beta=self.gr_t_beta
+            pl_module.named_parameters(),
+            self.statistics,
+            ema_decay=self.ema_decay,
+            gr_t_beta=self.gr_t_beta,
+            mode="swap" if single else "hooks",
         ).attach()
         if self._pending_state is not None:
             self.tracker.load_state_dict(self._pending_state)

@@ -1,6 +1,15 @@
-"""Layer 2: moment capture from autograd hooks (plain PyTorch, usable without Lightning)."""
+"""Layer 2: moment capture from autograd hooks and the DDP comm hook (plain PyTorch, no Lightning)."""
 
 from lightning_gradnoise.capture._collector import GradientMomentCollector
+from lightning_gradnoise.capture._comm import GradNoiseCommState, ReducedMoments, gradnoise_comm_hook
 from lightning_gradnoise.capture._tracker import STATISTICS, GradNoiseTracker, parse_statistics
 
-__all__ = ["STATISTICS", "GradNoiseTracker", "GradientMomentCollector", "parse_statistics"]
+__all__ = [
+    "STATISTICS",
+    "GradNoiseCommState",
+    "GradNoiseTracker",
+    "GradientMomentCollector",
+    "ReducedMoments",
+    "gradnoise_comm_hook",
+    "parse_statistics",
+]

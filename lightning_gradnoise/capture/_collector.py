@@ -25,11 +25,22 @@ class GradientMomentCollector:
     the division of the loss by the number of accumulation steps, an AMP loss scale, or a
     sum-reduced loss.
 
+    Two ways to see a group's gradient, with the same results:
+
+    - ``mode="hooks"``: a hook per parameter tensor reads the gradient as autograd produces it.
+      Works everywhere, under DDP too (the hook sees the local gradient before DDP reduces it).
+    - ``mode="swap"``: :meth:`begin_group` sets each ``.grad`` aside so that backward writes the
+      group's gradient alone, and :meth:`end_group` takes all norms in one multi-tensor kernel
+      and adds the set-aside gradient back in place, the very addition autograd would have done
+      (bit-identical ``.grad``, no extra memory). No per-tensor Python call: several times cheaper
+      for small models. Not for DDP, whose reducer owns ``.grad`` during backward.
+
     Plain PyTorch; usable without Lightning.
 
     Args:
         params: a module (its parameters that require grad) or ``(name, parameter)`` pairs.
         elementwise: also keep the elementwise sum of squared group gradients.
+        mode: ``"hooks"`` or ``"swap"``.
 
     Example:
         >>> model = nn.Linear(3, 1)
@@ -43,7 +54,10 @@ class GradientMomentCollector:
         >>> collector.detach()
     """
 
-    def __init__(self, params: NamedParams, elementwise: bool = False) -> None:
+    def __init__(self, params: NamedParams, elementwise: bool = False, mode: str = "hooks") -> None:
+        if mode not in ("hooks", "swap"):
+            raise ValueError(f"mode={mode!r} is invalid: expected 'hooks' or 'swap'")
+        self.mode = mode
         named = params.named_parameters() if isinstance(params, nn.Module) else params
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
@@ -57,24 +71,32 @@ class GradientMomentCollector:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._scale: float | None = None
         self._current: list[Tensor | None] = [None] * len(self.params)
-        self._group_sq: list[Tensor] = []
+        # closed groups: their raw norms, flat (groups x tensors), and their scales; squared and
+        # scaled in one vectorized pass when read, not per group
+        self._norms: list[Tensor] = []
+        self._scales: list[float] = []
         self._group_sizes: list[int | None] = []
         self._sq_sum: list[Tensor | None] = [None] * len(self.params)
         self._device = self.params[0].device
         self._zero = torch.zeros((), device=self._device)
+        self._attached = False
+        self._saved: list[Tensor | None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
     def attach(self) -> "GradientMomentCollector":
-        """Register the hooks (idempotent). Returns ``self``."""
-        if not self._handles:
+        """Start observing backward passes (idempotent). Returns ``self``."""
+        if self.mode == "hooks" and not self._handles:
             self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
+        self._attached = True
         return self
 
     def detach(self) -> None:
-        """Remove the hooks."""
+        """Stop observing (removes the hooks; an open group is cancelled)."""
+        self.cancel_group()
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._attached = False
 
     def __enter__(self) -> "GradientMomentCollector":
         return self.attach()
@@ -96,6 +118,11 @@ class GradientMomentCollector:
             raise RuntimeError("begin_group() called twice without end_group()")
         self._scale = float(scale)
         self._group_sizes.append(size)
+        if self.mode == "swap" and self._attached:
+            params = self.params
+            self._saved = [p.grad for p in params]
+            for p in params:
+                p.grad = None
 
     def end_group(self) -> None:
         """Close the group: its per-tensor squared norms become one row of :meth:`group_sq_norms`.
@@ -103,22 +130,61 @@ class GradientMomentCollector:
         A tensor that got no gradient in the group (unused) counts as zero."""
         if self._scale is None:
             raise RuntimeError("end_group() called without begin_group()")
+        if self._saved is not None:
+            self._end_swapped_group()
         zero = self._zero
-        row = torch.stack([zero if t is None else t for t in self._current])
-        self._group_sq.append(row.square_().mul_(self._scale * self._scale))
+        self._norms.extend(zero if t is None else t for t in self._current)
+        self._scales.append(self._scale)
         self._current = [None] * len(self.params)
         self._scale = None
 
+    def _end_swapped_group(self) -> None:
+        saved, self._saved = self._saved, None
+        assert saved is not None
+        params = self.params
+        fresh = [p.grad for p in params]
+        scale2 = self._scale * self._scale
+        # (`None in list_of_tensors` would call Tensor.__eq__: test identity only)
+        if all(g is not None for g in fresh) and all(g is not None for g in saved):  # the usual case
+            self._current = list(torch._foreach_norm(fresh))
+            if self.elementwise:
+                bufs = [self._sq_buffer(i, g) for i, g in enumerate(fresh)]
+                torch._foreach_addcmul_(bufs, fresh, fresh, value=scale2)
+            torch._foreach_add_(saved, fresh)  # .grad = old + new in the old tensor, as autograd does
+            for p, old in zip(params, saved):
+                p.grad = old
+            return
+        idx = [i for i, g in enumerate(fresh) if g is not None]
+        if idx:
+            got = [fresh[i] for i in idx]
+            for i, norm in zip(idx, torch._foreach_norm(got)):
+                self._current[i] = norm
+            if self.elementwise:
+                torch._foreach_addcmul_([self._sq_buffer(i, fresh[i]) for i in idx], got, got, value=scale2)
+        back = [i for i in idx if saved[i] is not None]
+        if back:
+            torch._foreach_add_([saved[i] for i in back], [fresh[i] for i in back])
+        for p, old in zip(params, saved):
+            if old is not None:
+                p.grad = old
+
+    def _restore_swapped(self) -> None:
+        if self._saved is not None:
+            self._end_swapped_group()
+
     def cancel_group(self) -> None:
-        """Drop an open group (e.g. a backward that was skipped)."""
+        """Drop an open group (e.g. a backward that was skipped); gradients are kept."""
         if self._scale is not None:
+            self._restore_swapped()
             self._group_sizes.pop()
             self._current = [None] * len(self.params)
             self._scale = None
 
     def reset(self) -> None:
         """Forget all groups of the step (elementwise buffers are zeroed in place, not freed)."""
-        self._group_sq = []
+        self.cancel_group()
+        self._norms = []
+        self._scales = []
         self._group_sizes = []
         self._current = [None] * len(self.params)
         self._scale = None
@@ -137,16 +203,19 @@ class GradientMomentCollector:
         else:  # rare: a second backward inside one group
             self._current[index] = torch.sqrt(prev.square() + norm.square())
         if self.elementwise:
-            buf = self._sq_sum[index]
-            if buf is None:
-                dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
-                buf = self._sq_sum[index] = torch.zeros_like(grad, dtype=dtype)
-            buf.addcmul_(grad, grad, value=self._scale * self._scale)
+            self._sq_buffer(index, grad).addcmul_(grad, grad, value=self._scale * self._scale)
+
+    def _sq_buffer(self, index: int, like: Tensor) -> Tensor:
+        buf = self._sq_sum[index]
+        if buf is None:
+            dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+            buf = self._sq_sum[index] = torch.zeros_like(like, dtype=dtype)
+        return buf
 
     # -- results ------------------------------------------------------------------------------
     @property
     def num_groups(self) -> int:
-        return len(self._group_sq)
+        return len(self._scales)
 
     @property
     def group_sizes(self) -> list[int | None]:
@@ -154,9 +223,42 @@ class GradientMomentCollector:
 
     def group_sq_norms(self) -> Tensor:
         """``[groups, tensors]`` squared norms of each group's mean gradient, in float64."""
-        if not self._group_sq:
-            return torch.zeros(0, len(self.params), dtype=torch.float64, device=self._device)
-        return torch.stack(self._group_sq).to(torch.float64)
+        return self._squared(self._norms, self._scales)
+
+    def _squared(self, norms: list[Tensor], scales: list[float]) -> Tensor:
+        n = len(self.params)
+        if not scales:
+            return torch.zeros(0, n, dtype=torch.float64, device=self._device)
+        rows = torch.stack(norms).view(len(scales), n).to(torch.float64).square_()
+        factor = torch.tensor(scales, dtype=torch.float64, device=rows.device).square_()
+        return rows.mul_(factor[:, None])
+
+    def root_sums(self) -> tuple[Tensor, float] | None:
+        r"""The cheap form of :meth:`local_sums` for closed groups that share one scale ``s``:
+        ``(r, s**2)`` with :math:`r_i = \sqrt{\sum_j |\text{raw}_{ij}|^2}` (two kernels);
+        :math:`\sum_j |g_j|^2 = s^2 r^2`. ``None`` if there is no group or the scales differ."""
+        scales = self._scales
+        if not scales or self._scale is not None or any(x != scales[0] for x in scales):
+            return None
+        rows = torch.stack(self._norms).view(len(scales), len(self.params))
+        return torch.linalg.vector_norm(rows, dim=0), scales[0] * scales[0]
+
+    def local_sums(self) -> tuple[Tensor, int, float, float]:
+        r"""This process's :math:`\sum_j |g_j|^2` per tensor (float64, the open group included),
+        its number of groups, :math:`\sum_j 1/b_j` and :math:`\sum_j b_j` (NaN if a size is unknown).
+
+        A DDP communication hook calls this while the last micro-batch's group is still open."""
+        norms, scales, sizes = list(self._norms), list(self._scales), list(self._group_sizes)
+        if self._scale is not None:
+            norms.extend(self._zero if t is None else t for t in self._current)
+            scales.append(self._scale)
+        else:
+            sizes = sizes[: len(scales)]
+        sums = self._squared(norms, scales).sum(0)
+        known = bool(sizes) and all(sizes)
+        inv = sum(1.0 / s for s in sizes) if known else float("nan")
+        total = float(sum(sizes)) if known else float("nan")
+        return sums, len(scales), inv, total
 
     def elementwise_sq_sum(self) -> list[Tensor]:
         r""":math:`\sum_j g_j^2` per parameter tensor (zeros for a tensor that got no gradient)."""

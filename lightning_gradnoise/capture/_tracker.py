@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gradnoise.capture._collector import GradientMomentCollector, NamedParams
+from lightning_gradnoise.capture._comm import ReducedMoments
 from lightning_gradnoise.stats import (
     GradientNoiseScale,
     TemporalRedundancy,
@@ -17,7 +18,7 @@ from lightning_gradnoise.stats import (
     gsnr,
     gsnr_layer_stats,
     gsnr_variance,
-    noise_scale_update_from_sums,
+    noise_scale_from_moments,
 )
 
 __all__ = ["STATISTICS", "GradNoiseTracker", "parse_statistics"]
@@ -51,6 +52,8 @@ class GradNoiseTracker:
         statistics: a selection of :data:`STATISTICS`.
         ema_decay: decay of the EMAs of :math:`|G|^2` and :math:`\mathrm{tr}\,\Sigma`.
         gr_t_beta: :math:`\beta` of :math:`GR_T`'s EMAs (0.9 in GR-Gauge).
+        mode: how the collector sees each group's gradient (:class:`GradientMomentCollector`):
+            ``"hooks"`` (anywhere, DDP included) or ``"swap"`` (cheaper; not under DDP).
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -73,14 +76,17 @@ class GradNoiseTracker:
         statistics: str | Iterable[str] = ("b_simple", "gr_s", "gsnr"),
         ema_decay: float = 0.95,
         gr_t_beta: float = 0.9,
+        mode: str = "hooks",
     ) -> None:
         self.statistics = parse_statistics(statistics)
-        self.collector = GradientMomentCollector(params)
+        self.collector = GradientMomentCollector(params, mode=mode)
         self.noise_scale = GradientNoiseScale(ema_decay)
         self.temporal = TemporalRedundancy(gr_t_beta)
         self.skipped_steps = 0
         self.steps = 0
         self.histograms: dict[str, Tensor] = {}
+        self.max_pending = 256
+        self._pending: list[Tensor] = []
 
     @property
     def names(self) -> list[str]:
@@ -117,6 +123,7 @@ class GradNoiseTracker:
         summarize: bool = False,
         per_layer: bool = False,
         process_group: Any = None,
+        reduced: ReducedMoments | None = None,
     ) -> dict[str, float] | None:
         """Fold the step into the running statistics, once ``.grad`` holds the step's gradient.
 
@@ -130,6 +137,8 @@ class GradNoiseTracker:
             per_layer: add ``layer/<name>/<statistic>`` entries to the summary.
             process_group: for ``torch.distributed``; ``None`` is the default group. Under DDP,
                 ``.grad`` is the average over ranks.
+            reduced: the step's moments as :func:`gradnoise_comm_hook` reduced them inside DDP's
+                all-reduce (``GradNoiseCommState.take()``); then no collective runs here.
 
         Returns:
             ``None``, or a dict of floats, identical on every rank. A step whose gradients are
@@ -138,51 +147,85 @@ class GradNoiseTracker:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r} is invalid: expected 'mean' or 'sum'")
         col = self.collector
-        n = len(col.params)
-        sizes = col.group_sizes
-        local = torch.zeros(n + 3, dtype=torch.float64, device=col.params[0].device)
-        if col.num_groups:
-            local[:n] = col.group_sq_norms().sum(0)
-            local[n] = col.num_groups
-            known = all(sizes)
-            local[n + 1] = sum(1.0 / s for s in sizes) if known else float("nan")
-            local[n + 2] = sum(sizes) if known else float("nan")
         world = 1
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size(process_group)
-        if world > 1:
-            dist.all_reduce(local, group=process_group)
-        sums, k, inv_size_sum, batch = local[:n], int(local[n]), float(local[n + 1]), float(local[n + 2])
+        root = None
+        if reduced is not None:
+            sums, k = reduced.sq_norm_sums, reduced.num_groups
+            inv_size_sum, batch = reduced.inv_size_sum, reduced.size_sum
+        elif world == 1 and (root := col.root_sums()) is not None:
+            k, sizes = col.num_groups, col.group_sizes
+            known = all(sizes)
+            inv_size_sum = sum(1.0 / b for b in sizes) if known else float("nan")
+            batch = float(sum(sizes)) if known else float("nan")
+        else:
+            sums, k, inv_size_sum, batch = col.local_sums()
+            if world > 1:
+                packed = torch.cat([sums, sums.new_tensor([k, inv_size_sum, batch])])
+                dist.all_reduce(packed, group=process_group)
+                sums, (k, inv_size_sum, batch) = packed[:-3], packed[-3:].tolist()
+                k = int(round(k))
         # .grad = (1 / (world * divisor)) * sum over groups of g_j (mean) or of b_j g_j (sum)
         total = k if loss_reduction == "mean" else batch
         factor = world * loss_divisor / total if total > 0 else 1.0
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in col.params]
         if factor != 1.0:
             grads = torch._foreach_mul(grads, factor)
-        big = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square_()
-        if not bool(torch.isfinite(torch.cat([big, sums])).all()):  # the step's one sync
-            self.skipped_steps += 1
-            return self._summary(batch, None, per_layer) if summarize else None
-        self.steps += 1
-        if "b_simple" in self.statistics and k >= 2 and math.isfinite(inv_size_sum):
-            big_coef = 1.0 / batch if loss_reduction == "sum" else None
-            stats = noise_scale_update_from_sums(sums, big, k, inv_size_sum, big_coef)
-            self.noise_scale.grad_sq.update(stats.grad_sq, checked=True)
-            self.noise_scale.trace_cov.update(stats.trace_cov, checked=True)
-        if "gr_t" in self.statistics:
+        big = torch.stack(torch._foreach_norm(grads))
+        if root is None:
+            root, scale2 = sums.sqrt(), 1.0
+        else:
+            root, scale2 = root
+        # Kept as norms and folded into the EMAs later, many steps at once: a few kernels and no
+        # device sync per step. a and c weigh tr(Sigma) in E[S_small] and E[S_big] (NaN: none).
+        a = inv_size_sum / k if k >= 2 else float("nan")
+        c = 1.0 / batch if loss_reduction == "sum" else inv_size_sum / max(k, 1) ** 2
+        meta = torch.tensor([k, a, c, scale2], dtype=torch.float64)
+        self._pending.append(torch.cat([root.to(torch.float64), big.to(torch.float64), meta.to(big.device)]))
+        finite = None
+        if "gr_t" in self.statistics or summarize:
+            finite = bool(torch.isfinite(self._pending[-1][: 2 * len(grads)]).all())  # a sync
+        if "gr_t" in self.statistics and finite:
             self.temporal.update(grads, checked=True)
+        if len(self._pending) >= self.max_pending:
+            self._fold()
+        if not summarize:
+            return None
+        self._fold()
         layer_gsnr = None
-        if summarize and col.elementwise and k >= 2:
-            layer_gsnr = self._gsnr(grads, k, world > 1, process_group)
-        return self._summary(batch, layer_gsnr, per_layer) if summarize else None
+        if finite and col.elementwise and k >= 2:
+            if reduced is not None and reduced.elementwise is not None:
+                layer_gsnr = self._gsnr(grads, k, reduced.elementwise)
+            elif reduced is None:
+                sq_sum = col.elementwise_sq_sum()
+                if world > 1:
+                    flat = torch.cat([t.reshape(-1) for t in sq_sum])
+                    dist.all_reduce(flat, group=process_group)
+                    sq_sum = [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in sq_sum]), sq_sum)]
+                layer_gsnr = self._gsnr(grads, k, sq_sum)
+        return self._summary(batch, layer_gsnr, per_layer)
 
-    def _gsnr(self, grads: Sequence[Tensor], k: int, distributed: bool, group: Any) -> tuple[Tensor, Tensor]:
-        sq_sum = self.collector.elementwise_sq_sum()
-        if distributed:
-            flat = torch.cat([t.reshape(-1) for t in sq_sum])
-            dist.all_reduce(flat, group=group)
-            sq_sum = list(torch.split(flat, [t.numel() for t in sq_sum]))
-            sq_sum = [s.view_as(t) for s, t in zip(sq_sum, grads)]
+    def _fold(self) -> None:
+        """Count the pending steps, turn them into unbiased estimates, fold those into the EMAs."""
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending)
+        self._pending = []
+        n = len(self.names)
+        k, a, c, scale2 = rows[:, 2 * n :].unbind(1)
+        finite = torch.isfinite(rows[:, : 2 * n]).all(1)
+        sums = rows[:, :n].square() * scale2[:, None]
+        big = rows[:, n : 2 * n].square()
+        self.skipped_steps += int((~finite).sum())
+        self.steps += int(finite.sum())
+        if "b_simple" in self.statistics:
+            usable = finite & (k >= 2) & torch.isfinite(a) & torch.isfinite(c)
+            est = noise_scale_from_moments(sums[usable] / k[usable, None], big[usable], a[usable, None], c[usable, None])
+            self.noise_scale.grad_sq.update_many(est.grad_sq)
+            self.noise_scale.trace_cov.update_many(est.trace_cov)
+
+    def _gsnr(self, grads: Sequence[Tensor], k: int, sq_sum: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         ratios = [gsnr(g.to(s.dtype), gsnr_variance(s, g.to(s.dtype), k)) for s, g in zip(sq_sum, grads)]
         self.histograms = {name: r[~torch.isnan(r)].detach().flatten().cpu() for name, r in zip(self.names, ratios)}
         return gsnr_layer_stats(ratios)
@@ -213,7 +256,10 @@ class GradNoiseTracker:
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        # Pending steps are saved as they are (not folded) so that a resumed run folds at the
+        # same steps as an uninterrupted one and logs bit-identical values.
         return {
+            "pending": [t.cpu().clone() for t in self._pending],
             "names": list(self.names),
             "noise_scale": self.noise_scale.state_dict(),
             "temporal": self.temporal.state_dict(),
@@ -227,4 +273,6 @@ class GradNoiseTracker:
         self.noise_scale.load_state_dict(state["noise_scale"])
         self.temporal.load_state_dict(state["temporal"], device=self.collector.params[0].device)
         self.skipped_steps = int(state["skipped_steps"])
+        device = self.collector.params[0].device
+        self._pending = [t.to(device) for t in state.get("pending", [])]
         self.steps = int(state["steps"])

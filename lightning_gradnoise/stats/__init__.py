@@ -11,6 +11,7 @@ from lightning_gradnoise.stats._noise_scale import (
     GradientNoiseScale,
     NoiseScaleStats,
     noise_scale_compute,
+    noise_scale_from_moments,
     noise_scale_update,
     noise_scale_update_from_sums,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "gsnr_variance",
     "mu_from_gr_s_groups",
     "noise_scale_compute",
+    "noise_scale_from_moments",
     "noise_scale_update",
     "noise_scale_update_from_sums",
 ]

@@ -53,6 +53,29 @@ class BiasCorrectedEMA:
         self.count += 1
         return True
 
+    def update_many(self, values: Tensor) -> int:
+        r"""Fold in a sequence of values at once (``values[0]`` first), as that many :meth:`update`
+        calls would; rows with a non-finite entry are refused and counted. Returns rows folded.
+
+        .. math:: s \leftarrow \beta^n s + (1-\beta) \sum_{i=1}^{n} \beta^{n-i} x_i
+        """
+        values = torch.as_tensor(values).detach().to(torch.float64)
+        if values.shape[0] == 0:
+            return 0
+        finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(1)
+        good = values[finite]
+        n = good.shape[0]
+        self.rejected += values.shape[0] - n
+        if n == 0:
+            return 0
+        if self._sum is None:
+            self._sum = torch.zeros_like(good[0])
+        powers = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=good.device)
+        weights = (1.0 - self.decay) * torch.pow(torch.tensor(self.decay, dtype=torch.float64), powers)
+        self._sum = self._sum * self.decay**n + (weights.view(-1, *([1] * (good.dim() - 1))) * good).sum(0)
+        self.count += n
+        return n
+
     def compute(self) -> Tensor:
         """The bias-corrected average; NaN before the first update."""
         if self._sum is None:

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from lightning_gradnoise.stats._ema import BiasCorrectedEMA
 
-__all__ = ["NoiseScaleStats", "noise_scale_update", "noise_scale_update_from_sums", "noise_scale_compute", "GradientNoiseScale"]
+__all__ = ["NoiseScaleStats", "noise_scale_update", "noise_scale_update_from_sums",
+    "noise_scale_from_moments", "noise_scale_compute", "GradientNoiseScale"]
 
 GroupSizes = Union[int, Sequence[int], Tensor]
 
@@ -109,10 +110,24 @@ def noise_scale_update_from_sums(
     if not a > c:
         raise ValueError(f"big_coef={c!r} must be smaller than the mean inverse group size {a!r}")
     s_small = torch.as_tensor(sq_norm_sum, dtype=torch.float64) / k
-    mean_sq_norm = torch.as_tensor(mean_sq_norm, dtype=torch.float64)
-    trace_cov = (s_small - mean_sq_norm) / (a - c)
-    grad_sq = (a * mean_sq_norm - c * s_small) / (a - c)
-    return NoiseScaleStats(grad_sq=grad_sq, trace_cov=trace_cov)
+    return noise_scale_from_moments(s_small, mean_sq_norm, a, c)
+
+
+def noise_scale_from_moments(s_small: Tensor, s_big: Tensor, a: Tensor | float, c: Tensor | float) -> NoiseScaleStats:
+    r"""Solve :math:`\mathbb{E}[S_\text{small}] = |G|^2 + a\,\mathrm{tr}\,\Sigma` and
+    :math:`\mathbb{E}[S_\text{big}] = |G|^2 + c\,\mathrm{tr}\,\Sigma` for the two unknowns.
+
+    .. math::
+        \mathrm{tr}\,\Sigma = \frac{S_\text{small} - S_\text{big}}{a - c}, \qquad
+        |G|^2 = \frac{a S_\text{big} - c S_\text{small}}{a - c}
+
+    All arguments broadcast, so many steps (rows) are solved at once.
+    """
+    s_small = torch.as_tensor(s_small, dtype=torch.float64)
+    s_big = torch.as_tensor(s_big, dtype=torch.float64)
+    a = torch.as_tensor(a, dtype=torch.float64, device=s_small.device)
+    c = torch.as_tensor(c, dtype=torch.float64, device=s_small.device)
+    return NoiseScaleStats(grad_sq=(a * s_big - c * s_small) / (a - c), trace_cov=(s_small - s_big) / (a - c))
 
 
 def noise_scale_compute(grad_sq: Tensor, trace_cov: Tensor) -> Tensor:

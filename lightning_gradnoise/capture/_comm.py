@@ -1,0 +1,176 @@
+"""A DDP communication hook that carries gradient-noise moments inside DDP's own all-reduce."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gradnoise.capture._collector import GradientMomentCollector
+
+__all__ = ["ReducedMoments", "GradNoiseCommState", "gradnoise_comm_hook"]
+
+CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
+
+
+@dataclass
+class ReducedMoments:
+    """One step's moments summed over every group of every process."""
+
+    sq_norm_sums: Tensor
+    r""":math:`\sum_j |g_j|^2` per parameter tensor, float64."""
+    num_groups: int
+    inv_size_sum: float
+    size_sum: float
+    elementwise: list[Tensor] | None
+    r""":math:`\sum_j g_j^2` per parameter tensor, or ``None`` if not asked for this step."""
+    packed_bytes: int
+    """Bytes this process added to the step's collectives (for the benchmarks)."""
+
+
+class GradNoiseCommState:
+    """The state of :func:`gradnoise_comm_hook`: where the local moments come from and where the
+    reduced ones go.
+
+    Args:
+        collector: the :class:`GradientMomentCollector` whose hooks see the local gradients.
+        process_group: the group DDP reduces over (``None``: the default group).
+        inner_hook, inner_state: a user's communication hook (e.g. fp16 compression) that still
+            reduces the gradients; the moments then travel in one small extra all-reduce.
+    """
+
+    def __init__(
+        self,
+        collector: GradientMomentCollector | None = None,
+        process_group: Any = None,
+        inner_hook: CommHook | None = None,
+        inner_state: Any = None,
+    ) -> None:
+        self.process_group = process_group
+        self.inner_hook = inner_hook
+        self.inner_state = inner_state
+        self.collector: GradientMomentCollector | None = None
+        self._index: dict[int, int] = {}
+        self._result: ReducedMoments | None = None
+        self._fresh = False
+        if collector is not None:
+            self.bind(collector)
+
+    def bind(self, collector: GradientMomentCollector | None) -> None:
+        """Read local moments from ``collector`` (``None`` unbinds: the hook then only reduces)."""
+        self.collector = collector
+        self._index = {} if collector is None else {id(p): i for i, p in enumerate(collector.params)}
+        self._result = None
+
+    def take(self) -> ReducedMoments | None:
+        """The moments reduced since the last call, or ``None`` if no all-reduce ran."""
+        result, self._result, self._fresh = (self._result if self._fresh else None), None, False
+        return result
+
+    def _new_result(self) -> ReducedMoments:
+        col = self.collector
+        assert col is not None
+        n = len(col.params)
+        elem = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for p in col.params] if col.elementwise else None
+        device = col.params[0].device
+        return ReducedMoments(torch.zeros(n, dtype=torch.float64, device=device), 0, float("nan"), float("nan"), elem, 0)
+
+
+def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket) -> tuple[list[int], Tensor, Tensor | None]:
+    col = state.collector
+    assert col is not None
+    idx = [state._index.get(id(p), -1) for p in bucket.parameters()]
+    sums, k, inv, total = col.local_sums()
+    known = [i for i in idx if i >= 0]
+    head = sums[known]
+    if bucket.is_last():
+        head = torch.cat([head, torch.tensor([k, inv, total], dtype=torch.float64, device=head.device)])
+    elem = None
+    if col.elementwise:
+        parts = col.elementwise_sq_sum()
+        elem = torch.cat([parts[i].reshape(-1) for i in known]) if known else None
+    return known, head, elem
+
+
+def _store(state: GradNoiseCommState, bucket: dist.GradBucket, known: list[int], head: Tensor, elem: Tensor | None, nbytes: int) -> None:
+    if not state._fresh or state._result is None:
+        state._result, state._fresh = state._new_result(), True
+    res = state._result
+    res.sq_norm_sums[known] = head[: len(known)].to(torch.float64)
+    if bucket.is_last():
+        k, inv, total = head[len(known) :].tolist()
+        res.num_groups, res.inv_size_sum, res.size_sum = int(round(k)), inv, total
+    if elem is not None and res.elementwise is not None:
+        offset = 0
+        for i in known:
+            t = res.elementwise[i]
+            t.copy_(elem[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    res.packed_bytes += nbytes
+
+
+def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    r"""All-reduce a DDP bucket's gradients (averaged, as DDP does) together with this process's
+    gradient-noise moments for the bucket's parameters (summed).
+
+    The moments (one float per parameter tensor, three counts in the last bucket, and only when
+    the collector asks for them the elementwise :math:`\sum_j g_j^2`) are appended to the bucket's
+    flat buffer, so they travel in DDP's own collective: no second all-reduce. With a user
+    ``inner_hook`` or a low-precision buffer (a compression wrapper), they travel in one small
+    float64 all-reduce beside it instead, so the moments never lose range or precision.
+
+    Works on any backend (gloo on CPU, NCCL on GPUs). Register it on a plain
+    :class:`~torch.nn.parallel.DistributedDataParallel` module::
+
+        tracker = GradNoiseTracker(model).attach()
+        ddp = DistributedDataParallel(model)
+        state = GradNoiseCommState(tracker.collector)
+        ddp.register_comm_hook(state, gradnoise_comm_hook)
+        ...  # backward, then: tracker.finish_step(reduced=state.take())
+    """
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    buffer = bucket.buffer()
+    if state.collector is None:
+        known, head, elem = [], None, None
+    else:
+        known, head, elem = _local_payload(state, bucket)
+    n = buffer.numel()
+    if head is None:
+        extras: list[Tensor] = []
+    else:
+        extras = [head] + ([elem] if elem is not None else [])
+    if state.inner_hook is None and buffer.dtype in (torch.float32, torch.float64):
+        packed = torch.cat([buffer / world] + [e.to(buffer.dtype) for e in extras])
+        fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
+
+        def unpack(f: torch.futures.Future) -> Tensor:
+            out = f.value()[0]
+            if head is not None:
+                h = out[n : n + head.numel()]
+                e = out[n + head.numel() :] if elem is not None else None
+                _store(state, bucket, known, h, e, (packed.numel() - n) * packed.element_size())
+            return out[:n]
+
+        return fut.then(unpack)
+
+    # A compression hook or wrapper owns the gradient's collective; the moments go beside it.
+    small = torch.cat([e.to(torch.float64) for e in extras]) if extras else None
+    small_fut = dist.all_reduce(small, group=group, async_op=True).get_future() if small is not None else None
+    if state.inner_hook is not None:
+        grad_fut = state.inner_hook(state.inner_state, bucket)
+    else:
+        grad_fut = dist.all_reduce(buffer / world, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+
+    def finish(f: torch.futures.Future) -> Tensor:
+        if small_fut is not None and head is not None:
+            out = small_fut.wait()[0]
+            h = out[: head.numel()]
+            e = out[head.numel() :] if elem is not None else None
+            _store(state, bucket, known, h, e, small.numel() * small.element_size())
+        return f.value()
+
+    return grad_fut.then(finish)
