@@ -10,7 +10,13 @@ Layers (each imports only those below it):
 
 from lightning_gradnoise.callbacks import GradNoiseMonitor, MisconfigurationError
 from lightning_gradnoise.capture import GradientMomentCollector, GradNoiseTracker
+from lightning_gradnoise.strategies import GradNoiseDDPStrategy, register_strategies
+
+register_strategies()
 
 __version__ = "0.1.0"
 
-__all__ = ["GradNoiseMonitor", "GradNoiseTracker", "GradientMomentCollector", "MisconfigurationError", "__version__"]
+__all__ = [
+    "GradNoiseDDPStrategy",
+    "GradNoiseMonitor",
+    "GradNoiseTracker", "GradientMomentCollector", "MisconfigurationError", "__version__"]

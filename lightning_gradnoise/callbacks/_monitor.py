@@ -88,6 +88,7 @@ class GradNoiseMonitor(CallbackBase):
         self._pending_state: dict[str, Any] | None = None
         self._micro_size: int | None = None
         self._logging_step = False
+        self._comm: Any = None
 
     # -- set-up --------------------------------------------------------------------------------
     def check_trainer(self, trainer: Any, pl_module: Any) -> None:
@@ -132,14 +133,24 @@ class GradNoiseMonitor(CallbackBase):
         if self._pending_state is not None:
             self.tracker.load_state_dict(self._pending_state)
             self._pending_state = None
+        # Under strategy="gnddp" the moments ride in DDP's own all-reduce; elsewhere the tracker
+        # makes one small all-reduce of its own per step (plain "ddp").
+        self._comm = getattr(trainer.strategy, "gradnoise", None)
+        if self._comm is not None:
+            self._comm.bind(self.tracker.collector)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.tracker is not None:
-            self.tracker.detach()
+        self._release()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
         if self.tracker is not None:
             self.tracker.detach()
+        if self._comm is not None:
+            self._comm.bind(None)
+            self._comm = None
 
     # -- per micro-batch -----------------------------------------------------------------------
     def _every(self, trainer: Any) -> int:
@@ -179,6 +190,7 @@ class GradNoiseMonitor(CallbackBase):
             loss_divisor=trainer.accumulate_grad_batches,
             loss_reduction=self.loss_reduction,
             summarize=self._logging_step,
+            reduced=self._comm.take() if self._comm is not None else None,
             per_layer=self.per_layer,
         )
         tracker.collector.reset()

@@ -174,3 +174,11 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
         return f.value()
 
     return grad_fut.then(finish)
+
+
+# DDP checks a hook's annotations as objects; this module's postponed (string) annotations would fail it.
+gradnoise_comm_hook.__annotations__ = {
+    "state": GradNoiseCommState,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}

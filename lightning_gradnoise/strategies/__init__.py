@@ -1,0 +1,5 @@
+"""Layer 4: the ``gnddp`` Lightning strategy (registered when ``lightning_gradnoise`` is imported)."""
+
+from lightning_gradnoise.strategies._ddp import STRATEGY_NAMES, GradNoiseDDPStrategy, register_strategies, strategy_class
+
+__all__ = ["STRATEGY_NAMES", "GradNoiseDDPStrategy", "register_strategies", "strategy_class"]

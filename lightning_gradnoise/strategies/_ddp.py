@@ -1,0 +1,145 @@
+"""``strategy="gnddp"``: DDP that carries gradient-noise moments inside its own all-reduce."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from lightning_gradnoise.callbacks._compat import NAMESPACES
+from lightning_gradnoise.callbacks._monitor import MisconfigurationError
+from lightning_gradnoise.capture import GradNoiseCommState, gradnoise_comm_hook
+
+__all__ = ["GradNoiseDDPStrategy", "STRATEGY_NAMES", "strategy_class", "register_strategies"]
+
+_START_METHODS = (("gnddp", "popen"), ("gnddp_spawn", "spawn"), ("gnddp_fork", "fork"), ("gnddp_notebook", "fork"))
+STRATEGY_NAMES = tuple(name for name, _ in _START_METHODS) + tuple(
+    f"{name}_find_unused_parameters_{flag}" for name, _ in _START_METHODS for flag in ("false", "true")
+)
+"""Every name registered in the Lightning strategy registries."""
+
+_DOC = r"""Lightning's ``DDPStrategy`` whose gradient all-reduce also carries gradient-noise moments.
+
+    Every ``DDPStrategy`` argument works as there. A communication hook
+    (:func:`~lightning_gradnoise.capture.gradnoise_comm_hook`) is registered on every device
+    type, gloo on CPU included (Lightning registers hooks only on CUDA), and appends to each bucket
+    one float per parameter tensor (each process's :math:`\sum_j |g_j|^2`), three counts, and,
+    only on steps where GSNR is measured, the elementwise :math:`\sum_j g_j^2`. Summed by DDP's own
+    collective, they give :class:`~lightning_gradnoise.GradNoiseMonitor` the statistics of all
+    devices x accumulation micro-batches with no second collective. The gradients themselves are
+    reduced exactly as DDP does (divided by the world size, then summed). A user's
+    ``ddp_comm_hook`` still reduces the gradients (the moments then travel in one small float64
+    all-reduce beside it) and a ``ddp_comm_wrapper`` (e.g. fp16 compression) wraps the whole hook.
+
+    Registered as ``"gnddp"``, ``"gnddp_spawn"``, ``"gnddp_fork"``, ``"gnddp_notebook"`` and their
+    ``_find_unused_parameters_{true,false}`` variants in both Lightning namespaces.
+
+    Example:
+        >>> import lightning_gradnoise  # registers "gnddp"
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(accelerator="cpu", devices=2, strategy="gnddp",
+        ...                   callbacks=[lightning_gradnoise.GradNoiseMonitor()])  # doctest: +SKIP
+    """
+
+
+def _make(ns: ModuleType) -> type:
+    base = ns.strategies.DDPStrategy
+
+    class _GradNoiseDDPStrategy(base):  # type: ignore[misc, valid-type]
+        __doc__ = _DOC
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.gradnoise = GradNoiseCommState()
+
+        def check_supported(self) -> None:
+            """Raise :class:`MisconfigurationError` for settings whose reduction is not DDP's."""
+            import torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook as post_local_sgd
+
+            if self._model_averaging_period is not None or isinstance(self._ddp_comm_state, post_local_sgd.PostLocalSGDState):
+                raise MisconfigurationError(
+                    "strategy='gnddp' does not support post-local SGD model averaging: devices then train apart "
+                    "and no step has one global gradient to measure. Use strategy='ddp' without the monitor, or drop "
+                    "model_averaging_period / PostLocalSGDState."
+                )
+
+        def setup(self, trainer: Any) -> None:
+            self.check_supported()
+            super().setup(trainer)
+
+        def _register_ddp_hooks(self) -> None:
+            # Lightning registers communication hooks on CUDA only; this one runs on every device.
+            state = self.gradnoise
+            state.process_group = self._ddp_kwargs.get("process_group")
+            state.inner_hook, state.inner_state = self._ddp_comm_hook, self._ddp_comm_state
+            hook = gradnoise_comm_hook
+            if self._ddp_comm_wrapper is not None:
+                hook = self._ddp_comm_wrapper(hook)
+            self.model.register_comm_hook(state, hook)
+
+        @classmethod
+        def register_strategies(cls, strategy_registry: Any) -> None:
+            for name, start in _START_METHODS:
+                strategy_registry.register(
+                    name, cls, description=f"DDP with gradient-noise moments, start_method '{start}'",
+                    start_method=start, override=True,
+                )
+                for flag in (False, True):
+                    strategy_registry.register(
+                        f"{name}_find_unused_parameters_{str(flag).lower()}", cls,
+                        description=f"DDP with gradient-noise moments, find_unused_parameters={flag}, start_method '{start}'",
+                        start_method=start, find_unused_parameters=flag, override=True,
+                    )
+
+    _GradNoiseDDPStrategy.__name__ = _GradNoiseDDPStrategy.__qualname__ = "GradNoiseDDPStrategy"
+    _GradNoiseDDPStrategy.__module__ = __name__
+    return _GradNoiseDDPStrategy
+
+
+_TWINS: dict[str, type] = {name: _make(mod) for name, mod in NAMESPACES.items()}
+
+
+def strategy_class(namespace: str) -> type:
+    """The strategy class of one Lightning namespace (``"lightning.pytorch"`` or ``"pytorch_lightning"``)."""
+    try:
+        return _TWINS[namespace]
+    except KeyError:
+        raise ValueError(f"namespace={namespace!r} is not installed; installed: {sorted(_TWINS)}") from None
+
+
+def _namespace_of(obj: Any) -> str | None:
+    for name, mod in NAMESPACES.items():
+        if isinstance(obj, mod.accelerators.Accelerator):
+            return name
+    return None
+
+
+class GradNoiseDDPStrategy(*_TWINS.values()):  # type: ignore[misc]
+    __doc__ = _DOC + """
+    One object serves either Trainer: it is an instance of both namespaces' ``DDPStrategy`` until
+    the Trainer hands it its accelerator, and then becomes, constructed anew from the same
+    arguments, the strategy class of that Trainer's namespace (:func:`strategy_class`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._gradnoise_init = (args, kwargs)
+        next(iter(_TWINS.values())).__init__(self, *args, **kwargs)
+
+    @property
+    def accelerator(self) -> Any:
+        return self._accelerator
+
+    @accelerator.setter
+    def accelerator(self, accelerator: Any) -> None:
+        twin = _TWINS.get(_namespace_of(accelerator) or "")
+        if twin is not None and type(self) is not twin:
+            args, kwargs = self.__dict__.pop("_gradnoise_init")
+            self.__class__ = twin
+            self.__dict__.clear()
+            twin.__init__(self, *args, **kwargs)
+        self._accelerator = accelerator
+
+
+def register_strategies() -> None:
+    """Register every name of :data:`STRATEGY_NAMES` in each installed namespace's registry."""
+    for name, mod in NAMESPACES.items():
+        _TWINS[name].register_strategies(mod.strategies.StrategyRegistry)

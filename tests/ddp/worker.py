@@ -1,0 +1,90 @@
+"""A real multi-process fit, launched by the tests as ``python worker.py SCENARIO OUTDIR [key=value ...]``.
+
+Lightning's own launcher starts the other ranks (gloo on CPU). Each rank writes
+``OUTDIR/rank<R>.json``: what it logged, its final weights, and scenario extras.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from helpers import LinRegTruth, linreg_module, ns, trainer_kwargs  # noqa: E402
+
+from lightning_gradnoise import GradNoiseMonitor  # noqa: E402
+
+
+def main() -> None:
+    scenario, outdir, *rest = sys.argv[1:]
+    opts = dict(kv.split("=", 1) for kv in rest)
+    namespace = opts.get("namespace", "lightning.pytorch")
+    strategy = opts.get("strategy", "gnddp")
+    steps = int(opts.get("steps", 50))
+    accumulate = int(opts.get("accumulate", 1))
+    lr = float(opts.get("lr", 0.0))
+    statistics = opts.get("statistics", "all")
+    L = ns(namespace)
+    truth = LinRegTruth(d=int(opts.get("d", 8)), seed=0)
+
+    rows: list[dict] = []
+    records: list[dict] = []
+
+    class Record(L.Callback):
+        """Before the monitor: keep what it sees and every step's values."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if scenario == "norms" and trainer.global_step < 3:
+                records.append({"step": trainer.global_step, "x": batch[0].tolist(), "y": batch[1].tolist()})
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if scenario == "norms" and trainer.global_step < 3:
+                col = monitor.tracker.collector
+                records.append({"step": trainer.global_step, "group_sq": col.group_sq_norms().tolist()})
+
+    class Rows(L.Callback):
+        seen = None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if monitor.latest and monitor.latest is not self.seen:  # a new summary this step
+                self.seen = monitor.latest
+                rows.append(dict(monitor.latest, step=trainer.global_step))
+
+    monitor = GradNoiseMonitor(statistics=statistics, log_every_n_steps=int(opts.get("every", 1)), ema_decay=float(opts.get("decay", 0.999)))
+    callbacks = [Record(), monitor, Rows()] if opts.get("monitor", "1") == "1" else []
+    kw: dict = {}
+    if opts.get("hook") == "fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        kw["ddp_comm_hook"] = default_hooks.fp16_compress_hook
+    if opts.get("wrapper") == "fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        kw["ddp_comm_wrapper"] = default_hooks.fp16_compress_wrapper
+    if kw:
+        from lightning_gradnoise.strategies import strategy_class
+
+        cls = strategy_class(namespace) if strategy.startswith("gnddp") else L.strategies.DDPStrategy
+        strategy = cls(**kw, find_unused_parameters="unused" in strategy)
+    model = linreg_module(namespace, truth, lr=lr, batch=int(opts.get("batch", 16)), n_batches=steps * accumulate)
+    if scenario == "unused":
+        model.extra = torch.nn.Linear(3, 1)  # never used in the loss
+    trainer = L.Trainer(**trainer_kwargs(devices=2, strategy=strategy, accumulate_grad_batches=accumulate, callbacks=callbacks))
+    trainer.fit(model)
+    out = {
+        "rank": trainer.global_rank,
+        "rows": rows,
+        "records": records,
+        "weight": model.lin.weight.detach().flatten().tolist(),
+        "truth_b_simple": truth.b_simple,
+        "strategy": type(trainer.strategy).__module__ + "." + type(trainer.strategy).__name__,
+    }
+    with open(os.path.join(outdir, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()
