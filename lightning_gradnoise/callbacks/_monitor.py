@@ -88,6 +88,7 @@ class GradNoiseMonitor(CallbackBase):
         self._pending_state: dict[str, Any] | None = None
         self._micro_size: int | None = None
         self._logging_step = False
+        self._step_scale = 1.0
         self._comm: Any = None
 
     # -- set-up --------------------------------------------------------------------------------
@@ -159,9 +160,14 @@ class GradNoiseMonitor(CallbackBase):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         assert self.tracker is not None
         self._micro_size = int(self.batch_size_fn(batch))
-        if self.tracker.collector.num_groups == 0 and self.tracker.collector._scale is None:
+        if self.tracker.collector.num_groups == 0 and not self.tracker.collector.group_open:
+            # First micro-batch of a step. The divisor and the AMP loss scale hold for the whole
+            # accumulation window (GradScaler updates after the optimizer step): read them once.
             self._logging_step = trainer.global_step % self._every(trainer) == 0
             self.tracker.begin_step(elementwise=self._logging_step)
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            self._step_scale = self.group_scale(trainer.accumulate_grad_batches, loss_scale, 1)
 
     def group_scale(self, accumulate: int, loss_scale: float, micro_size: int) -> float:
         """The factor from a micro-batch's raw gradient to its mean gradient.
@@ -173,9 +179,7 @@ class GradNoiseMonitor(CallbackBase):
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         assert self.tracker is not None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        scale = self.group_scale(trainer.accumulate_grad_batches, loss_scale, self._micro_size or 1)
+        scale = self._step_scale / self._micro_size if self.loss_reduction == "sum" else self._step_scale
         self.tracker.begin_group(scale=scale, size=self._micro_size)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:

@@ -214,6 +214,11 @@ class GradientMomentCollector:
 
     # -- results ------------------------------------------------------------------------------
     @property
+    def group_open(self) -> bool:
+        """Whether :meth:`begin_group` was called and :meth:`end_group` not yet."""
+        return self._scale is not None
+
+    @property
     def num_groups(self) -> int:
         return len(self._scales)
 

@@ -56,6 +56,8 @@ class GradNoiseCommState:
         self._index: dict[int, int] = {}
         self._result: ReducedMoments | None = None
         self._fresh = False
+        self.last_packed_bytes = 0
+        """Bytes this process added to the collectives of the last step taken."""
         if collector is not None:
             self.bind(collector)
 
@@ -68,6 +70,7 @@ class GradNoiseCommState:
     def take(self) -> ReducedMoments | None:
         """The moments reduced since the last call, or ``None`` if no all-reduce ran."""
         result, self._result, self._fresh = (self._result if self._fresh else None), None, False
+        self.last_packed_bytes = result.packed_bytes if result is not None else 0
         return result
 
     def _new_result(self) -> ReducedMoments:
@@ -134,7 +137,8 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
-    if state.collector is None:
+    col = state.collector
+    if col is None or (col.num_groups == 0 and not col.group_open):  # nothing measured this step
         known, head, elem = [], None, None
     else:
         known, head, elem = _local_payload(state, bucket)

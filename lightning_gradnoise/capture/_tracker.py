@@ -87,6 +87,8 @@ class GradNoiseTracker:
         self.histograms: dict[str, Tensor] = {}
         self.max_pending = 256
         self._pending: list[Tensor] = []
+        self.last_collective_bytes = 0
+        """Bytes this process sent in collectives of its own during the last step (plain DDP)."""
 
     @property
     def names(self) -> list[str]:
@@ -151,6 +153,7 @@ class GradNoiseTracker:
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size(process_group)
         root = None
+        self.last_collective_bytes = 0
         if reduced is not None:
             sums, k = reduced.sq_norm_sums, reduced.num_groups
             inv_size_sum, batch = reduced.inv_size_sum, reduced.size_sum
@@ -164,6 +167,7 @@ class GradNoiseTracker:
             if world > 1:
                 packed = torch.cat([sums, sums.new_tensor([k, inv_size_sum, batch])])
                 dist.all_reduce(packed, group=process_group)
+                self.last_collective_bytes = packed.numel() * packed.element_size()
                 sums, (k, inv_size_sum, batch) = packed[:-3], packed[-3:].tolist()
                 k = int(round(k))
         # .grad = (1 / (world * divisor)) * sum over groups of g_j (mean) or of b_j g_j (sum)
@@ -202,6 +206,7 @@ class GradNoiseTracker:
                 if world > 1:
                     flat = torch.cat([t.reshape(-1) for t in sq_sum])
                     dist.all_reduce(flat, group=process_group)
+                    self.last_collective_bytes += flat.numel() * flat.element_size()
                     sq_sum = [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in sq_sum]), sq_sum)]
                 layer_gsnr = self._gsnr(grads, k, sq_sum)
         return self._summary(batch, layer_gsnr, per_layer)

@@ -1,0 +1,111 @@
+"""strategy="gnddp" + GradNoiseMonitor against plain DDP, two CPU processes (gloo).
+
+    python benchmarks/ddp_overhead.py [--steps 200] [--repeats 5] [--accumulate 1]
+
+Lightning launches the second process. Two kinds of figure, both from one invocation:
+
+- monitor on/off, paired: in each fit the monitor is active on every other optimizer step
+  (``_alternate.py``); a fit's ratio is the median step with it over the median step without it.
+- gnddp (no monitor) over plain ddp: separate fits in one shuffled order, the ratio of medians.
+  The product of the two is gnddp + monitor over plain ddp.
+
+The bytes column is what each process sends into all-reduces per monitored step, on average:
+the gradient (float32) and the monitor's moments, packed with it (gnddp) or in a collective of
+their own (ddp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+sys.path.insert(0, os.path.dirname(__file__))
+from _alternate import build  # noqa: E402
+from digits_monitor import DigitsMLP, L, digits_loaders  # noqa: E402
+
+from lightning_gradnoise import GradNoiseMonitor  # noqa: E402
+
+Alternating, StepTimes = build(L)
+
+PAIRED = {
+    "gnddp + scalar (b_simple, gr_s)": ("gnddp", dict(statistics=("b_simple", "gr_s"), log_every_n_steps=51)),
+    "gnddp + gsnr, logged every 51 steps": ("gnddp", dict(statistics=("gsnr",), log_every_n_steps=51)),
+    "gnddp + gsnr, logged every step": ("gnddp", dict(statistics=("gsnr",), log_every_n_steps=1)),
+    "ddp + scalar (own small all-reduce)": ("ddp", dict(statistics=("b_simple", "gr_s"), log_every_n_steps=51)),
+}
+
+
+class Bytes(L.Callback):
+    """Gradient bytes plus what the monitor added: packed into DDP's all-reduce (gnddp) or in
+    its own all-reduce (plain ddp)."""
+
+    def __init__(self, monitor: GradNoiseMonitor | None) -> None:
+        self.monitor, self.values = monitor, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        comm = getattr(trainer.strategy, "gradnoise", None)
+        extra = comm.last_packed_bytes if comm is not None else 0
+        if self.monitor is not None and self.monitor.tracker is not None:
+            extra += self.monitor.tracker.last_collective_bytes
+        self.values.append(sum(p.numel() * p.element_size() for p in pl_module.parameters()) + extra)
+
+
+def fit(strategy: str, monitor_kwargs: dict | None, steps: int, accumulate: int, micro: int):
+    L.seed_everything(0, verbose=False)
+    monitor = GradNoiseMonitor(**monitor_kwargs) if monitor_kwargs else None
+    times, nbytes = StepTimes(warmup=10), Bytes(monitor)
+    callbacks = [times, nbytes] + ([Alternating(monitor)] if monitor else [])
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, accumulate_grad_batches=accumulate,
+        callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    train, _ = digits_loaders(micro)
+    trainer.fit(DigitsMLP(), train)
+    on_bytes = [b for i, b in enumerate(nbytes.values) if i % 2 == 1]  # the monitored (odd) steps
+    return times, statistics.mean(on_bytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=32)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    run = lambda strategy, kw: fit(strategy, kw, args.steps, args.accumulate, args.micro_batch)  # noqa: E731
+    paired = {name: [run(*cfg) for _ in range(args.repeats)] for name, cfg in PAIRED.items()}
+    order, rng = ["ddp", "gnddp"] * args.repeats, random.Random(0)  # the same order on both ranks
+    rng.shuffle(order)
+    alone: dict[str, list[float]] = {"ddp": [], "gnddp": []}
+    for strategy in order:
+        times, nbytes = run(strategy, None)
+        alone[strategy].append(statistics.median(times.on + times.off))
+        plain_bytes = nbytes
+    if not rank0:
+        return
+    ratio_strategy = statistics.median(alone["gnddp"]) / statistics.median(alone["ddp"])
+    print(f"\ndigits MLP, 2 CPU processes (gloo), micro-batch {args.micro_batch}, accumulate {args.accumulate}, "
+          f"{args.steps} steps x {args.repeats} fits (torch {torch.__version__})")
+    print(f"plain ddp: {statistics.median(alone['ddp']) * 1e3:.3f} ms/step, {plain_bytes:.0f} bytes/step; "
+          f"gnddp without monitor / ddp: {ratio_strategy:.3f}")
+    print(f"{'configuration':<38} {'on/off':>7} {'x gnddp/ddp':>12} {'bytes/step':>11}")
+    for name, results in paired.items():
+        ratios = [t.ratio() for t, _ in results]
+        r = statistics.median(ratios)
+        total = r * ratio_strategy if name.startswith("gnddp") else r
+        print(f"{name:<38} {r:>7.3f} {total:>12.3f} {statistics.mean(b for _, b in results):>11.0f}")
+
+
+if __name__ == "__main__":
+    main()
