@@ -121,24 +121,32 @@ class GradNoiseMonitor(CallbackBase):
             self.check_trainer(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        # One process: set .grad aside per micro-batch (no per-tensor hook). DDP's reducer owns
-        # .grad during backward, so there the hooks read each local gradient instead.
-        single = trainer.world_size == 1 and not isinstance(trainer.strategy, namespace_of(trainer).strategies.DDPStrategy)
+        # Under strategy="gnddp" the moments ride in DDP's own all-reduce; elsewhere the tracker
+        # makes one small all-reduce of its own per step (plain "ddp").
+        self._comm = getattr(trainer.strategy, "gradnoise", None)
         self.tracker = GradNoiseTracker(
             pl_module.named_parameters(),
             self.statistics,
             ema_decay=self.ema_decay,
             gr_t_beta=self.gr_t_beta,
-            mode="swap" if single else "hooks",
+            mode=self.capture_mode(trainer),
         ).attach()
         if self._pending_state is not None:
             self.tracker.load_state_dict(self._pending_state)
             self._pending_state = None
-        # Under strategy="gnddp" the moments ride in DDP's own all-reduce; elsewhere the tracker
-        # makes one small all-reduce of its own per step (plain "ddp").
-        self._comm = getattr(trainer.strategy, "gradnoise", None)
         if self._comm is not None:
             self._comm.bind(self.tracker.collector)
+
+    def capture_mode(self, trainer: Any) -> str:
+        """How the collector sees each group's gradient on this Trainer (see GradientMomentCollector).
+
+        One process: ``"swap"`` (no per-tensor hook). ``gnddp`` without accumulation:
+        ``"external"``, read by the communication hook from DDP's buckets. Otherwise (DDP with
+        accumulation, plain ``ddp``): ``"hooks"``, since DDP's reducer owns ``.grad`` in backward."""
+        if self._comm is not None:
+            return "external" if trainer.accumulate_grad_batches == 1 else "hooks"
+        ddp = namespace_of(trainer).strategies.DDPStrategy
+        return "swap" if trainer.world_size == 1 and not isinstance(trainer.strategy, ddp) else "hooks"
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._release()
@@ -165,6 +173,9 @@ class GradNoiseMonitor(CallbackBase):
             # accumulation window (GradScaler updates after the optimizer step): read them once.
             self._logging_step = trainer.global_step % self._every(trainer) == 0
             self.tracker.begin_step(elementwise=self._logging_step)
+            mode = self.capture_mode(trainer)  # accumulation may change (GradientAccumulationScheduler)
+            if mode != self.tracker.collector.mode:
+                self.tracker.collector.set_mode(mode)
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             self._step_scale = self.group_scale(trainer.accumulate_grad_batches, loss_scale, 1)

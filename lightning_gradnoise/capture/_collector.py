@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 __all__ = ["GradientMomentCollector"]
 
+MODES = ("hooks", "swap", "external")
 NamedParams = Union[nn.Module, Iterable[tuple[str, nn.Parameter]]]
 
 
@@ -34,13 +35,16 @@ class GradientMomentCollector:
       and adds the set-aside gradient back in place, the very addition autograd would have done
       (bit-identical ``.grad``, no extra memory). No per-tensor Python call: several times cheaper
       for small models. Not for DDP, whose reducer owns ``.grad`` during backward.
+    - ``mode="external"``: nothing is hooked; whoever sees the group's gradient calls
+      :meth:`record` (the DDP communication hook does, from each bucket, when each process's
+      group is its whole local batch, i.e. without gradient accumulation).
 
     Plain PyTorch; usable without Lightning.
 
     Args:
         params: a module (its parameters that require grad) or ``(name, parameter)`` pairs.
         elementwise: also keep the elementwise sum of squared group gradients.
-        mode: ``"hooks"`` or ``"swap"``.
+        mode: ``"hooks"``, ``"swap"`` or ``"external"``.
 
     Example:
         >>> model = nn.Linear(3, 1)
@@ -55,8 +59,8 @@ class GradientMomentCollector:
     """
 
     def __init__(self, params: NamedParams, elementwise: bool = False, mode: str = "hooks") -> None:
-        if mode not in ("hooks", "swap"):
-            raise ValueError(f"mode={mode!r} is invalid: expected 'hooks' or 'swap'")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is invalid: expected one of {MODES}")
         self.mode = mode
         named = params.named_parameters() if isinstance(params, nn.Module) else params
         self.names: list[str] = []
@@ -103,6 +107,28 @@ class GradientMomentCollector:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+    def set_mode(self, mode: str) -> None:
+        """Change how groups are seen, between steps (no group may be open)."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is invalid: expected one of {MODES}")
+        if self.group_open:
+            raise RuntimeError("set_mode() called while a group is open")
+        attached = self._attached
+        self.detach()
+        self.mode = mode
+        if attached:
+            self.attach()
+
+    def record(self, indices: list[int], grads: list[Tensor]) -> None:
+        """Take the open group's gradients of the tensors ``indices`` (``mode="external"``)."""
+        if self._scale is None or not indices:
+            return
+        for i, norm in zip(indices, torch._foreach_norm(grads)):
+            self._current[i] = norm
+        if self.elementwise:
+            bufs = [self._sq_buffer(i, g) for i, g in zip(indices, grads)]
+            torch._foreach_addcmul_(bufs, grads, grads, value=self._scale * self._scale)
 
     def set_elementwise(self, enabled: bool) -> None:
         """Start or stop keeping elementwise moments (takes effect from the next group)."""

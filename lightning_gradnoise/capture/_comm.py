@@ -86,8 +86,11 @@ def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket) -> tuple[
     col = state.collector
     assert col is not None
     idx = [state._index.get(id(p), -1) for p in bucket.parameters()]
-    sums, k, inv, total = col.local_sums()
     known = [i for i in idx if i >= 0]
+    if col.mode == "external":  # the bucket holds this process's group gradient: read it here
+        grads = bucket.gradients()
+        col.record(known, [g for i, g in zip(idx, grads) if i >= 0])
+    sums, k, inv, total = col.local_sums()
     head = sums[known]
     if bucket.is_last():
         head = torch.cat([head, torch.tensor([k, inv, total], dtype=torch.float64, device=head.device)])
