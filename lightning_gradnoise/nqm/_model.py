@@ -1,0 +1,224 @@
+r"""The noisy quadratic model (Zhang et al. 2019, *Which Algorithmic Choices Matter at Which Batch
+Sizes?*, Sec. 3): exact expected risk, steps to a target, the best constant learning rate.
+
+Per dimension :math:`i`: loss :math:`\tfrac12 h_i \theta_i^2`, stochastic gradient
+:math:`h_i\theta_i + \epsilon_i` with :math:`\mathrm{Var}[\epsilon_i] = c_i/B`, preconditioner
+:math:`P = H^p`. Plain SGD (Eq. 4):
+
+.. math::
+    \mathbb{E}[\theta_i(t)^2] = q^t\,(m_0 - m_\infty) + m_\infty,\quad
+    q = (1 - \alpha h_i^{1-p})^2,\quad m_\infty = \frac{\alpha^2 c_i h_i^{-2p} / B}{1 - q}
+
+which is MATH.md's risk formula with :math:`h \to h^{1-p}`, :math:`c \to c\,h^{-p}`. Heavy-ball
+momentum and an iterate EMA are exact two-state linear recurrences (not Theorem 1's or 2's bounds),
+solved in closed form by :func:`~lightning_gradnoise.nqm._linear.second_moment`. Everything is
+vectorized: learning rates, batch sizes and steps broadcast against each other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_gradnoise.nqm._linear import SecondMoment
+
+__all__ = ["NQM"]
+
+_F64 = torch.float64
+
+
+def _t(x, dtype=_F64) -> Tensor:
+    return torch.as_tensor(x, dtype=dtype)
+
+
+@dataclass
+class NQM:
+    """A noisy quadratic model with diagonal curvature ``h`` and gradient noise ``c``.
+
+    Args:
+        h: curvature per dimension (or per bin of dimensions).
+        c: gradient-noise variance per dimension at batch size 1.
+        weight: how many dimensions each entry stands for (binning); default ones.
+        theta0_var: :math:`\\mathbb{E}[\\theta_i(0)^2]`; default ones (:math:`\\theta(0) \\sim N(0, I)`).
+
+    Example:
+        >>> model = NQM.paper(d=1000, bins=50)
+        >>> steps = model.steps_to_target(lr=0.5, batch=64, target=0.05)
+        >>> bool(torch.isfinite(steps))
+        True
+    """
+
+    h: Tensor
+    c: Tensor
+    weight: Optional[Tensor] = None
+    theta0_var: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        self.h = _t(self.h).reshape(-1)
+        self.c = _t(self.c).reshape(-1)
+        if self.h.shape != self.c.shape:
+            raise ValueError(f"h and c must have the same length, got {self.h.numel()} and {self.c.numel()}")
+        if bool((self.h <= 0).any()) or bool((self.c < 0).any()):
+            raise ValueError("h must be positive and c non-negative")
+        self.weight = torch.ones_like(self.h) if self.weight is None else _t(self.weight).reshape(-1)
+        self.theta0_var = torch.ones_like(self.h) if self.theta0_var is None else _t(self.theta0_var).reshape(-1)
+
+    @classmethod
+    def paper(cls, d: int = 10_000, bins: Optional[int] = 200) -> "NQM":
+        r"""The paper's setting: :math:`h_i = 1/i`, :math:`C = H`, :math:`\theta(0) \sim N(0, I)`.
+
+        ``bins`` groups the ``d`` eigenvalues into that many log-spaced bins, each represented
+        by its dimensions' mean :math:`h` and weighted by their count (``None``: every dimension).
+        """
+        if d < 1:
+            raise ValueError(f"d={d!r} must be >= 1")
+        h = 1.0 / torch.arange(1, d + 1, dtype=_F64)
+        if bins is None or bins >= d:
+            return cls(h=h, c=h.clone())
+        edges = torch.unique(torch.logspace(0, math.log10(d + 1), bins + 1, dtype=_F64).floor().long())
+        edges[0], edges[-1] = 1, d + 1
+        hs, ws = [], []
+        for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+            if hi > lo:
+                hs.append(float(h[lo - 1 : hi - 1].mean()))
+                ws.append(hi - lo)
+        h_b = _t(hs)
+        return cls(h=h_b, c=h_b.clone(), weight=_t(ws))
+
+    @property
+    def d(self) -> float:
+        return float(self.weight.sum())
+
+    # -- risk -----------------------------------------------------------------------------------
+    def risk(self, lr, batch, steps, momentum: float = 0.0, precond: float = 0.0, ema: float = 0.0) -> Tensor:
+        r"""Expected risk :math:`\sum_i \tfrac12 h_i\,\mathbb{E}[\theta_i(t)^2]` after ``steps``.
+
+        ``lr``, ``batch`` and ``steps`` broadcast; the result has their broadcast shape and is
+        ``inf`` where the iteration diverges. ``momentum`` is heavy-ball :math:`\beta`,
+        ``precond`` the power :math:`p` of :math:`P = H^p`, ``ema`` the iterate averaging
+        :math:`\gamma` (risk of the averaged iterate); momentum and EMA are not combined.
+        """
+        lr, batch, steps = torch.broadcast_tensors(_t(lr), _t(batch), _t(steps))
+        return self.trajectory(lr, batch, momentum, precond, ema)(steps)
+
+    def trajectory(self, lr, batch, momentum: float = 0.0, precond: float = 0.0, ema: float = 0.0):
+        """``steps -> risk`` for fixed ``(lr, batch)``, with all step-independent work done once."""
+        if not (0.0 <= momentum < 1.0):
+            raise ValueError(f"momentum={momentum!r} is out of range: expected 0 <= momentum < 1")
+        if not (0.0 <= ema < 1.0):
+            raise ValueError(f"ema={ema!r} is out of range: expected 0 <= ema < 1")
+        if momentum and ema:
+            raise ValueError("momentum and ema together are not modelled: set one of them to 0")
+        if not (0.0 <= precond <= 1.0):
+            raise ValueError(f"precond={precond!r} is out of range: expected 0 <= p <= 1")
+        lr, batch = (_t(x)[..., None] for x in (lr, batch))
+        step = lr * self.h ** (1.0 - precond)  # alpha h^(1-p)
+        noise = lr**2 * self.c * self.h ** (-2.0 * precond) / batch  # variance of alpha P^-1 eps
+        m0, scale = self.theta0_var, 0.5 * self.h * self.weight
+        if momentum == 0.0 and ema == 0.0:
+            q = (1.0 - step) ** 2
+            stable = (q < 1.0).all(-1)
+            m_inf = noise / torch.where(q < 1.0, 1.0 - q, torch.ones_like(q))
+
+            def sgd(steps: Tensor) -> Tensor:
+                t = _t(steps)[..., None]
+                total = (scale * (q**t * (m0 - m_inf) + m_inf)).sum(-1)
+                return torch.where(stable, total, torch.full_like(total, math.inf))
+
+            return sgd
+        limit = 2.0 * (1.0 + momentum) if momentum else 2.0
+        ok = (step > 0) & (step < limit)
+        step = torch.where(ok, step, torch.full_like(step, 0.5))  # diverging entries end up inf below
+        one, zero = torch.ones_like(step), torch.zeros_like(step)
+        s0 = (m0 * one, m0 * one, m0 * one)
+        if momentum:
+            beta = momentum
+            system = SecondMoment((1.0 - step + beta, -beta * one, one, zero), (-one, zero), noise, s0)
+            # stable iff both roots of x^2 - (1 - a h + beta) x + beta lie inside the unit circle
+            stable = ok.all(-1)
+            pick = 0
+        else:
+            g = ema
+            system = SecondMoment((1.0 - step, zero, (1.0 - g) * (1.0 - step), g * one), (-one, -(1.0 - g) * one), noise, s0)
+            stable = ok.all(-1)
+            pick = 2
+
+        def linear(steps: Tensor) -> Tensor:
+            t = _t(steps)
+            if math.isinf(float(t.max())) if t.numel() else False:
+                m2 = torch.where(torch.isinf(t)[..., None], system.s_inf[pick], system.at(torch.where(torch.isinf(t), 0.0, t)[..., None])[pick])
+            else:
+                m2 = system.at(t[..., None])[pick]
+            total = (scale * m2).sum(-1)
+            return torch.where(stable, total, torch.full_like(total, math.inf))
+
+        return linear
+
+    # -- steps to a target ----------------------------------------------------------------------
+    def steps_to_target(self, lr, batch, target: float = 0.01, max_steps: float = 2.0**40, **optimizer) -> Tensor:
+        """Fewest steps after which the expected risk is at most ``target`` (``inf`` if never).
+
+        Found by doubling then bisection on integer steps (the risk of these models decreases
+        towards its steady state when it starts above it, as from :math:`\theta(0) \sim N(0, I)`)."""
+        lr, batch = torch.broadcast_tensors(_t(lr), _t(batch))
+        risk = self.trajectory(lr, batch, **optimizer)
+        powers = 2.0 ** torch.arange(0, int(math.log2(max_steps)) + 1, dtype=_F64)
+        below = torch.stack([risk(torch.full_like(lr, p)) <= target for p in powers.tolist()], -1)
+        reachable = below.any(-1)
+        first = below.float().argmax(-1)
+        hi = powers[first]
+        lo = torch.where(first > 0, powers[(first - 1).clamp_min(0)], torch.zeros_like(hi))
+        at_start = risk(torch.zeros_like(lr)) <= target
+        hi, lo = torch.where(at_start, 0.0, hi), torch.where(at_start, 0.0, lo)
+        while True:
+            open_ = (hi - lo) > 1
+            if not bool(open_.any()):
+                break
+            mid = torch.floor((lo + hi) / 2)
+            ok = risk(mid) <= target
+            hi = torch.where(open_ & ok, mid, hi)
+            lo = torch.where(open_ & ~ok, mid, lo)
+        return torch.where(reachable, hi, torch.full_like(hi, math.inf))
+
+    def max_stable_lr(self, momentum: float = 0.0, precond: float = 0.0, ema: float = 0.0) -> float:
+        """The learning rate beyond which the iteration diverges along the stiffest dimension."""
+        h_max = float((self.h ** (1.0 - precond)).max())
+        return (2.0 * (1.0 + momentum) if momentum else 2.0) / h_max
+
+    def best_lr(self, batch, target: float = 0.01, decades: float = 7.0, iters: int = 26, **optimizer) -> tuple[Tensor, Tensor]:
+        """For each batch size, the constant learning rate that needs the fewest steps.
+
+        A golden-section search on :math:`\log \alpha` over ``decades`` below the stability
+        limit, all batch sizes at once (steps against the learning rate are unimodal: too small
+        converges slowly, too large stalls at a steady-state risk above the target). Returns
+        ``(steps, lr)``, each of the shape of ``batch``."""
+        batch = _t(batch).reshape(-1)
+        top = math.log(self.max_stable_lr(**optimizer) * (1 - 1e-9))
+        lo = torch.full_like(batch, top - decades * math.log(10.0))
+        hi = torch.full_like(batch, top)
+        g = (math.sqrt(5.0) - 1.0) / 2.0
+
+        def cost(log_lr: Tensor) -> Tensor:
+            return self.steps_to_target(log_lr.exp(), batch, target, **optimizer)
+
+        x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
+        f1, f2 = cost(x1), cost(x2)
+        for _ in range(iters):
+            left = f1 <= f2  # the minimum lies in [lo, x2]
+            lo, hi = torch.where(left, lo, x1), torch.where(left, x2, hi)
+            x1n = torch.where(left, hi - g * (hi - lo), x2)
+            x2n = torch.where(left, x1, lo + g * (hi - lo))
+            fnew = cost(torch.where(left, x1n, x2n))
+            f1, f2 = torch.where(left, fnew, f2), torch.where(left, f1, fnew)
+            x1, x2 = x1n, x2n
+        take1 = f1 <= f2
+        return torch.where(take1, f1, f2), torch.where(take1, x1, x2).exp()
+
+    def lower_bound_steps(self, batch, target: float = 0.01) -> Tensor:
+        r"""Information-theoretic bound (Sec. 3.6, for :math:`C = H`): risk :math:`\ge d/(2N)`
+        after :math:`N` examples, so at least :math:`d/(2\,\text{target}\,B)` steps."""
+        return self.d / (2.0 * target * _t(batch))
