@@ -1,0 +1,182 @@
+r"""Learning rate and steps against batch size: McCandlish et al. (2018) and the Adam "surge"
+(Li et al., *Surge Phenomenon in Optimal Learning Rate and Batch Size Scaling*).
+
+- SGD (McCandlish Eq. 2.7): :math:`\epsilon_\text{opt}(B) = \epsilon_\max / (1 + B_\text{noise}/B)`.
+- Adam-style (Surge Eq. 2): :math:`\epsilon_\text{opt}(B) = \epsilon_\max / \big(\tfrac12(\sqrt{B_\text{noise}/B} + \sqrt{B/B_\text{noise}})\big)`, peak at :math:`B = B_\text{noise}`.
+- Trade-off (McCandlish Eq. 2.11, Surge Eq. 20): :math:`(S/S_\min - 1)(E/E_\min - 1) = 1`,
+  :math:`B_\text{crit} = E_\min / S_\min`; from runs, :math:`1/S = -B_\text{noise}/E + 1/S_\min`
+  (Surge Eq. 22), a straight-line fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RULES",
+    "eps_opt_sgd",
+    "eps_opt_adam",
+    "eps_opt",
+    "lr_scale_factor",
+    "TradeoffFit",
+    "fit_b_noise",
+    "fit_eps_max",
+    "steps_for_examples",
+    "plan_batch_sizes",
+]
+
+RULES = ("sgd", "adam")
+
+
+def _t(x) -> Tensor:
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
+def eps_opt_sgd(batch, b_noise, eps_max=1.0) -> Tensor:
+    r""":math:`\epsilon_\max / (1 + B_\text{noise}/B)` (McCandlish Eq. 2.7): rises monotonically.
+
+    Example:
+        >>> float(eps_opt_sgd(100.0, 100.0, eps_max=0.2))
+        0.1
+    """
+    return _t(eps_max) / (1.0 + _t(b_noise) / _t(batch))
+
+
+def eps_opt_adam(batch, b_noise, eps_max=1.0) -> Tensor:
+    r""":math:`\epsilon_\max / \big(\tfrac12(\sqrt{B_\text{noise}/B} + \sqrt{B/B_\text{noise}})\big)`
+    (Surge Eq. 2): peaks at :math:`B = B_\text{noise}`, square-root scaling below it (Eq. 4).
+
+    Example:
+        >>> float(eps_opt_adam(100.0, 100.0, eps_max=0.2))
+        0.2
+    """
+    r = _t(b_noise) / _t(batch)
+    return _t(eps_max) / (0.5 * (r.sqrt() + r.rsqrt()))
+
+
+def eps_opt(rule: str, batch, b_noise, eps_max=1.0) -> Tensor:
+    """The optimal learning rate under ``rule`` (``"sgd"`` or ``"adam"``)."""
+    if rule == "sgd":
+        return eps_opt_sgd(batch, b_noise, eps_max)
+    if rule == "adam":
+        return eps_opt_adam(batch, b_noise, eps_max)
+    raise ValueError(f"rule={rule!r} is invalid: expected one of {RULES}")
+
+
+def lr_scale_factor(rule: str, old_batch, new_batch, b_noise) -> Tensor:
+    """Multiply the learning rate by this when the batch goes from ``old_batch`` to ``new_batch``
+    at a fixed :math:`B_\\text{noise}`: :math:`\\epsilon_\\text{opt}(B_2)/\\epsilon_\\text{opt}(B_1)`.
+
+    Example:
+        >>> round(float(lr_scale_factor("adam", 16, 64, 1e6)), 3)   # B << B_noise: square root
+        2.0
+    """
+    return eps_opt(rule, new_batch, b_noise) / eps_opt(rule, old_batch, b_noise)
+
+
+@dataclass
+class TradeoffFit:
+    """A fit of Surge Eq. 22 to runs: :math:`1/S = -B_\\text{noise}/E + 1/S_\\min`."""
+
+    b_noise: float
+    s_min: float
+    e_min: float
+    r2: float
+
+    @property
+    def b_crit(self) -> float:
+        """:math:`E_\\min / S_\\min` (Surge Eq. 21), equal to the fitted :math:`B_\\text{noise}`."""
+        return self.e_min / self.s_min
+
+    def steps(self, batch) -> Tensor:
+        """Predicted steps at batch ``B``: :math:`S_\\min (1 + B_\\text{noise}/B)`."""
+        return self.s_min * (1.0 + self.b_noise / _t(batch))
+
+    def examples(self, batch) -> Tensor:
+        """Predicted examples at batch ``B``: :math:`E_\\min (1 + B/B_\\text{noise})`."""
+        return self.e_min * (1.0 + _t(batch) / self.b_noise)
+
+
+def fit_b_noise(steps: Sequence[float], examples: Sequence[float]) -> TradeoffFit:
+    """Least-squares line through ``(1/E, 1/S)`` of runs at several batch sizes (Surge Eq. 22).
+
+    Args:
+        steps: steps each run needed to reach the target.
+        examples: examples each run used (steps x batch size).
+
+    Example:
+        >>> b = torch.tensor([8.0, 32, 128, 512]); s = 1000 * (1 + 100 / b)
+        >>> fit = fit_b_noise(s, s * b)
+        >>> round(fit.b_noise), round(fit.s_min)
+        (100, 1000)
+    """
+    s, e = _t(steps).reshape(-1), _t(examples).reshape(-1)
+    if s.numel() != e.numel() or s.numel() < 2:
+        raise ValueError(f"need at least 2 runs with steps and examples each, got {s.numel()} and {e.numel()}")
+    if bool((s <= 0).any()) or bool((e <= 0).any()) or not bool(torch.isfinite(s).all() & torch.isfinite(e).all()):
+        raise ValueError("steps and examples must be positive and finite")
+    x, y = 1.0 / e, 1.0 / s
+    xm, ym = x.mean(), y.mean()
+    slope = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
+    intercept = ym - slope * xm
+    if not intercept > 0 or not slope < 0:
+        raise ValueError(
+            f"the runs do not show a steps/examples trade-off (slope {float(slope):.3g}, intercept "
+            f"{float(intercept):.3g}): include batch sizes on both sides of the critical batch size"
+        )
+    pred = intercept + slope * x
+    r2 = 1.0 - float(((y - pred) ** 2).sum() / ((y - ym) ** 2).sum().clamp_min(1e-300))
+    s_min = 1.0 / float(intercept)
+    b_noise = -float(slope)
+    return TradeoffFit(b_noise=b_noise, s_min=s_min, e_min=b_noise * s_min, r2=r2)
+
+
+def fit_eps_max(rule: str, lrs: Sequence[float], batches: Sequence[float], b_noise: float) -> float:
+    r""":math:`\epsilon_\max` from the best learning rate of runs at several batch sizes: the mean of
+    :math:`\epsilon_\text{opt} \cdot \tfrac12(\sqrt{B_\text{noise}/B} + \sqrt{B/B_\text{noise}})`
+    (Adam, Surge Eq. 23) or :math:`\epsilon_\text{opt}(1 + B_\text{noise}/B)` (SGD, Eq. 24 with
+    :math:`\alpha = 1`)."""
+    lrs_t, b = _t(lrs), _t(batches)
+    return float((lrs_t / eps_opt(rule, b, b_noise)).mean())
+
+
+def steps_for_examples(examples, s_min: float, e_min: float) -> Tensor:
+    """Steps on the trade-off curve :math:`(S/S_\\min - 1)(E/E_\\min - 1) = 1` (Eq. 2.11)."""
+    e = _t(examples)
+    return s_min * (1.0 + 1.0 / (e / e_min - 1.0))
+
+
+def plan_batch_sizes(
+    b_noise: float,
+    batch_sizes: Sequence[float],
+    reference: Optional[tuple[float, float]] = None,
+    seconds_per_step: Optional[Callable[[float], float]] = None,
+) -> list[dict[str, float]]:
+    """Predicted steps, examples and time per candidate batch size, from a measured
+    :math:`B_\\text{noise}` (e.g. B_simple from a run's logs).
+
+    Args:
+        b_noise: the noise scale.
+        batch_sizes: candidates.
+        reference: ``(batch, steps)`` of a run that reached the target; it fixes
+            :math:`S_\\min = S_\\text{ref} / (1 + B_\\text{noise}/B_\\text{ref})`. Without it steps are
+            in units of :math:`S_\\min`.
+        seconds_per_step: ``batch -> seconds``; adds a ``time`` column.
+    """
+    if not b_noise > 0 or not math.isfinite(b_noise):
+        raise ValueError(f"b_noise={b_noise!r} must be positive and finite")
+    s_min = 1.0 if reference is None else reference[1] / (1.0 + b_noise / reference[0])
+    rows = []
+    for b in batch_sizes:
+        steps = s_min * (1.0 + b_noise / b)
+        row = {"batch": float(b), "steps": steps, "examples": steps * b, "steps/S_min": steps / s_min,
+               "examples/E_min": (steps * b) / (s_min * b_noise)}
+        if seconds_per_step is not None:
+            row["time"] = steps * float(seconds_per_step(b))
+        rows.append(row)
+    return rows
