@@ -167,7 +167,8 @@ class NQM:
         lr, batch = torch.broadcast_tensors(_t(lr), _t(batch))
         risk = self.trajectory(lr, batch, **optimizer)
         powers = 2.0 ** torch.arange(0, int(math.log2(max_steps)) + 1, dtype=_F64)
-        below = torch.stack([risk(torch.full_like(lr, p)) <= target for p in powers.tolist()], -1)
+        grid = powers.view(-1, *([1] * lr.dim())).expand(-1, *lr.shape)
+        below = torch.movedim(risk(grid) <= target, 0, -1)  # all doublings in one evaluation
         reachable = below.any(-1)
         first = below.float().argmax(-1)
         hi = powers[first]

@@ -1,0 +1,81 @@
+"""The gradnoise command line: every subcommand, on real inputs, and its failures."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+import pytest
+import torch
+
+from lightning_gradnoise.cli import main
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+
+@pytest.mark.parametrize("command", [[], ["nqm"], ["fit"], ["plan"], ["report"]])
+def test_help_for_every_subcommand(command, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(command + ["--help"])
+    assert exc.value.code == 0
+    assert "usage: gradnoise" in capsys.readouterr().out
+
+
+def test_nqm_sweep_writes_table_csv_and_plot(tmp_path, capsys) -> None:
+    png, table = tmp_path / "nqm.png", tmp_path / "nqm.csv"
+    assert main(["nqm", "--d", "1000", "--bins", "40", "--num", "8", "--powers", "0", "0.5", "--plot", str(png), "--csv", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert "critical batch" in out and "momentum 0.9" in out
+    rows = list(csv.DictReader(open(table)))
+    assert len(rows) == 2 * 2 * 8
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_recovers_b_noise_from_a_csv(tmp_path, capsys) -> None:
+    path = tmp_path / "runs.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["batch_size", "steps", "lr"])
+        for b in (16, 64, 256, 1024, 4096):
+            s = 3000 * (1 + 500 / b)
+            w.writerow([b, s, 0.01 / (0.5 * ((500 / b) ** 0.5 + (b / 500) ** 0.5))])
+    assert main(["fit", str(path), "--rule", "adam", "--plot", str(tmp_path / "fit.png")]) == 0
+    out = capsys.readouterr().out
+    assert "B_noise = B_crit = 500" in out and "S_min = 3000" in out and "eps_max (adam rule) = 0.01" in out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("batch,loss\n1,2\n")
+    with pytest.raises(SystemExit, match="needs columns"):
+        main(["fit", str(bad)])
+
+
+def test_plan_table(capsys) -> None:
+    assert main(["plan", "--b-simple", "200", "--batch-sizes", "50", "200", "800", "--reference-batch", "200",
+                 "--reference-steps", "1000", "--step-time", "50:0.01", "800:0.05"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("B_noise ~ B_simple = 200")
+    steps = [float(line.split()[1]) for line in out[2:5]]
+    assert steps == [2500.0, 1000.0, 625.0]
+    assert "GR_S band 0.5-0.65: global batch" in out[-1]
+
+
+def test_report_on_the_example_run(tmp_path, capsys) -> None:
+    from digits_monitor import main as digits
+
+    latest = digits(["--epochs", "2", "--logdir", str(tmp_path)])
+    capsys.readouterr()
+    png = tmp_path / "report.png"
+    assert main(["report", str(tmp_path / "digits"), "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "recommended global batch for GR_S in 0.5-0.65" in out
+    assert "b_simple" in out and "gr_t" in out and "gsnr" in out
+    assert png.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no TensorBoard event files"):
+        main(["report", str(tmp_path / "nothing")])
+    assert latest["b_simple"] > 0
+
+
+def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"lightning-gradnoise\[plot\]"):
+        main(["nqm", "--d", "50", "--bins", "5", "--num", "3", "--powers", "0", "--momentum", "0", "--plot", str(tmp_path / "x.png")])
