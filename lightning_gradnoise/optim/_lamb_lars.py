@@ -1,0 +1,152 @@
+"""LAMB and LARS, the layer-wise trust-ratio optimizers torch does not ship."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["LAMB", "LARS"]
+
+
+def _trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
+    """``|w| / |u|``, and 1 where either norm is zero (a fresh zero-initialized layer, a zero update)."""
+    ok = (weight_norm > 0) & (update_norm > 0)
+    return torch.where(ok, weight_norm / torch.where(ok, update_norm, torch.ones_like(update_norm)), torch.ones_like(weight_norm))
+
+
+class LAMB(Optimizer):
+    r"""LAMB (You et al. 2020, *Large Batch Optimization for Deep Learning*, Alg. 2).
+
+    .. math::
+        m_t = \beta_1 m + (1-\beta_1) g,\quad v_t = \beta_2 v + (1-\beta_2) g^2,\quad
+        u = \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon} + \lambda w,\quad
+        w \leftarrow w - \eta\, \frac{\phi(|w|)}{|u|}\, u
+
+    per parameter tensor, with :math:`\phi` the identity clipped to ``[0, trust_clip]`` when
+    ``trust_clip`` is set, and the ratio taken as 1 when :math:`|w|` or :math:`|u|` is zero.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = LAMB([w], lr=0.1)
+        >>> w.grad = torch.tensor([1.0, -1.0, 0.0]); opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        trust_clip: Optional[float] = None,
+    ) -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr={lr!r} must be >= 0")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas={betas!r}: each must be in [0, 1)")
+        if not eps > 0:
+            raise ValueError(f"eps={eps!r} must be > 0")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, trust_clip=trust_clip))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float64)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt_().add_(group["eps"]))
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                w_norm = torch.linalg.vector_norm(p)
+                if group["trust_clip"] is not None:
+                    w_norm = w_norm.clamp(max=group["trust_clip"])
+                ratio = _trust_ratio(w_norm, torch.linalg.vector_norm(update))
+                p.add_(update * ratio, alpha=-group["lr"])
+        return loss
+
+
+class LARS(Optimizer):
+    r"""LARS (You et al. 2017, *Large Batch Training of Convolutional Networks*, Alg. 1).
+
+    .. math::
+        \lambda^l = \eta\,\frac{|w^l|}{|g^l| + \beta |w^l|},\quad
+        v \leftarrow m v + \gamma\,\lambda^l (g^l + \beta w^l),\quad w \leftarrow w - v
+
+    with global learning rate :math:`\gamma` (``lr``), trust coefficient :math:`\eta`, weight
+    decay :math:`\beta`, momentum :math:`m`; the local rate is 1 where :math:`|w|` or
+    :math:`|g|` is zero.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = LARS([w], lr=1.0, momentum=0.9)
+        >>> w.grad = torch.tensor([1.0, -1.0, 0.0]); opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 0.0,
+    ) -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr={lr!r} must be >= 0")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum={momentum!r} must be in [0, 1)")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        if not trust_coefficient > 0:
+            raise ValueError(f"trust_coefficient={trust_coefficient!r} must be > 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, eta = group["weight_decay"], group["trust_coefficient"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                denom = g_norm + wd * w_norm + group["eps"]
+                ok = (w_norm > 0) & (g_norm > 0)
+                local = torch.where(ok, eta * w_norm / torch.where(ok, denom, torch.ones_like(denom)), torch.ones_like(w_norm))
+                d = g.add(p, alpha=wd) if wd else g.clone()
+                d.mul_(local * group["lr"])
+                state = self.state[p]
+                if group["momentum"]:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d
+                    else:
+                        buf.mul_(group["momentum"]).add_(d)
+                    d = buf
+                p.sub_(d)
+        return loss

@@ -1,0 +1,152 @@
+r"""The GSNR gradient transformation of VRGD and the VR optimizers built from it.
+
+VRGD (``papers/vrgd-gsnr-large-batch.md``), Alg. 1, 3, 5 and Eq. 2, 7-10. With ``k >= 2`` groups
+(devices x micro-batches), the step's mean gradient :math:`g` and the elementwise
+:math:`\sum_j g_j^2`:
+
+.. math::
+    \sigma^2 = \tfrac1k \textstyle\sum_j g_j^2 - g^2,\quad r = g^2/\sigma^2,\quad
+    r \leftarrow \mathrm{clamp}(r / \mathrm{mean}_\text{layer}(r), \gamma, 1)
+
+then, with GSNR momentum (:math:`\beta_3`, Alg. 3 and 5),
+:math:`p_t = \beta_3 p_{t-1} + (1-\beta_3) r`, :math:`\hat p_t = p_t/(1-\beta_3^t)`,
+:math:`g \leftarrow \hat p_t\, g`; without it (VR-SGD, Alg. 1) :math:`g \leftarrow r\, g`. The
+scaled gradient then goes to the unchanged base update. With :math:`\gamma = 1` the factor is
+1 everywhere and the base optimizer is reproduced exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_gradnoise.stats import gsnr, gsnr_scale, gsnr_variance
+
+__all__ = ["GSNRScaling", "vr_optimizer_class", "MomentSource"]
+
+MomentSource = Callable[[], Optional[tuple[Sequence[Tensor], int]]]
+
+
+class GSNRScaling:
+    r"""The VRGD gradient transformation on its own: scales each gradient element by its
+    normalized, clamped GSNR (optionally its bias-corrected EMA), in place.
+
+    Args:
+        gamma: lower clamp :math:`\gamma` in ``(0, 1]`` (0.1 in the paper).
+        beta3: GSNR momentum in ``[0, 1)``, or ``None`` for none (VR-SGD).
+
+    Example:
+        >>> g = [torch.tensor([1.0, 0.1, 0.5])]; sq = [torch.tensor([2.5, 0.5, 0.5])]   # k = 2
+        >>> GSNRScaling(gamma=0.1, beta3=None).apply(g, sq, k=2, state=[{}])
+        >>> g[0]   # GSNR 4 and 0.04 (mean 2.02: factors 1 and 0.1); no noise on the third: 1
+        tensor([1.0000, 0.0100, 0.5000])
+    """
+
+    def __init__(self, gamma: float = 0.1, beta3: Optional[float] = 0.9) -> None:
+        if not (0.0 < gamma <= 1.0):
+            raise ValueError(f"gamma={gamma!r} is out of range: expected 0 < gamma <= 1")
+        if beta3 is not None and not (0.0 <= beta3 < 1.0):
+            raise ValueError(f"beta3={beta3!r} is out of range: expected 0 <= beta3 < 1, or None")
+        self.gamma, self.beta3 = float(gamma), beta3
+
+    def factor(self, grad: Tensor, sq_sum: Tensor, k: int, state: dict[str, Any]) -> Tensor:
+        """The multiplier of one parameter tensor's gradient (updates ``state`` for momentum)."""
+        g = grad.to(sq_sum.dtype)
+        r = gsnr_scale(gsnr(g, gsnr_variance(sq_sum, g, k)), self.gamma)
+        if self.beta3 is None or self.gamma >= 1.0:
+            # gamma = 1 clamps every ratio to 1, and any average of ones is one: return it exactly
+            return r
+        if "gsnr_avg" not in state:
+            state["gsnr_avg"] = torch.zeros_like(r)
+            state["gsnr_step"] = 0
+        state["gsnr_avg"].lerp_(r, 1.0 - self.beta3)
+        state["gsnr_step"] += 1
+        return state["gsnr_avg"] / (1.0 - self.beta3 ** state["gsnr_step"])
+
+    def apply(self, grads: Sequence[Tensor], sq_sums: Sequence[Tensor], k: int, state: Sequence[dict]) -> None:
+        """Scale ``grads`` in place, one parameter tensor (one layer) at a time."""
+        for g, s, st in zip(grads, sq_sums, state):
+            g.mul_(self.factor(g, s, k, st).to(g.dtype))
+
+
+_NO_SOURCE = (
+    "{name} needs the elementwise second moments of k >= 2 gradient groups for each step. Provide them "
+    "with optimizer.set_moments(sq_sums, k) before step(), or pass moment_source=..., or in Lightning add "
+    "the VRMoments callback (it reads them from accumulation micro-batches on one device, or from "
+    "strategy='gnddp' across devices)."
+)
+
+
+def vr_optimizer_class(base: type[Optimizer], name: str, beta3_default: Optional[float]) -> type[Optimizer]:
+    """A VR variant of ``base``: GSNR scaling of ``.grad`` (one transformation), then ``base.step``."""
+
+    class VR(base):  # type: ignore[misc, valid-type]
+        def __init__(self, params, *args: Any, gamma: float = 0.1, beta3: Optional[float] = beta3_default,
+                     moment_source: Optional[MomentSource] = None, **kwargs: Any) -> None:
+            super().__init__(params, *args, **kwargs)
+            self.scaling = GSNRScaling(gamma, beta3)
+            for group in self.param_groups:
+                group.setdefault("gamma", gamma)
+                group.setdefault("beta3", beta3)
+            self.moment_source = moment_source
+            self._moments: Optional[tuple[Sequence[Tensor], int]] = None
+            # kept apart from self.state: base optimizers initialize a parameter's state when empty
+            self.gsnr_state: dict[int, dict[str, Any]] = {}
+
+        def state_dict(self) -> dict[str, Any]:
+            sd = super().state_dict()
+            sd["gsnr"] = {i: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()} for i, st in self.gsnr_state.items()}
+            return sd
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            state_dict = dict(state_dict)
+            gsnr_state = state_dict.pop("gsnr", {})
+            super().load_state_dict(state_dict)
+            params = self.params_in_order()
+            self.gsnr_state = {
+                int(i): {k: (v.to(params[int(i)].device).clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+                for i, st in gsnr_state.items()
+            }
+
+        def params_in_order(self) -> list[Tensor]:
+            """The order ``set_moments`` expects: every parameter of every group, in turn."""
+            return [p for group in self.param_groups for p in group["params"]]
+
+        def set_moments(self, sq_sums: Sequence[Tensor], k: int) -> None:
+            r"""This step's :math:`\sum_j g_j^2` per parameter (:meth:`params_in_order`) and ``k``."""
+            if int(k) < 2:
+                raise ValueError(f"k={k!r}: GSNR needs at least 2 gradient groups. " + _NO_SOURCE.format(name=name))
+            self._moments = (list(sq_sums), int(k))
+
+        @torch.no_grad()
+        def step(self, closure: Optional[Callable[[], float]] = None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            moments = self._moments if self._moments is not None else (self.moment_source() if self.moment_source else None)
+            self._moments = None
+            if moments is None:
+                raise RuntimeError(_NO_SOURCE.format(name=name))
+            sq_sums, k = moments
+            params = self.params_in_order()
+            if len(sq_sums) != len(params):
+                raise ValueError(f"got moments for {len(sq_sums)} tensors, the optimizer has {len(params)}")
+            index = 0
+            for group in self.param_groups:
+                scaling = GSNRScaling(group["gamma"], group["beta3"])
+                for p in group["params"]:
+                    i, index = index, index + 1
+                    if p.grad is None:
+                        continue
+                    st = self.gsnr_state.setdefault(i, {})
+                    p.grad.mul_(scaling.factor(p.grad, sq_sums[i], k, st).to(p.grad.dtype))
+            super().step()
+            return loss
+
+    VR.__name__ = VR.__qualname__ = name
+    VR.__doc__ = f"{name}: VRGD's GSNR scaling of each gradient element, then :class:`{base.__module__}.{base.__name__}`.\n\n" + (__doc__ or "")
+    return VR
