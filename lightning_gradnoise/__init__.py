@@ -8,8 +8,9 @@ Layers (each imports only those below it):
 4. :mod:`lightning_gradnoise.callbacks`: Lightning glue.
 """
 
-from lightning_gradnoise.callbacks import GradNoiseMonitor, MisconfigurationError
+from lightning_gradnoise.callbacks import GradNoiseMonitor, MisconfigurationError, VRMoments
 from lightning_gradnoise.capture import GradientMomentCollector, GradNoiseTracker
+from lightning_gradnoise.optim import create_optimizer, list_optimizers
 from lightning_gradnoise.strategies import GradNoiseDDPStrategy, register_strategies
 
 register_strategies()
@@ -19,4 +20,11 @@ __version__ = "0.1.0"
 __all__ = [
     "GradNoiseDDPStrategy",
     "GradNoiseMonitor",
-    "GradNoiseTracker", "GradientMomentCollector", "MisconfigurationError", "__version__"]
+    "GradNoiseTracker",
+    "GradientMomentCollector",
+    "MisconfigurationError",
+    "VRMoments",
+    "__version__",
+    "create_optimizer",
+    "list_optimizers",
+]

@@ -1,5 +1,6 @@
 """Layer 4: Lightning callbacks (thin: the decisions live in plain methods)."""
 
 from lightning_gradnoise.callbacks._monitor import GradNoiseMonitor, MisconfigurationError
+from lightning_gradnoise.callbacks._vr_moments import VRMoments
 
-__all__ = ["GradNoiseMonitor", "MisconfigurationError"]
+__all__ = ["GradNoiseMonitor", "MisconfigurationError", "VRMoments"]

@@ -90,6 +90,7 @@ class GradNoiseMonitor(CallbackBase):
         self._logging_step = False
         self._step_scale = 1.0
         self._comm: Any = None
+        self.log_results = True
 
     # -- set-up --------------------------------------------------------------------------------
     def check_trainer(self, trainer: Any, pl_module: Any) -> None:
@@ -208,12 +209,13 @@ class GradNoiseMonitor(CallbackBase):
             reduced=self._comm.take() if self._comm is not None else None,
             per_layer=self.per_layer,
         )
+        self.consume_step(trainer, optimizer)
         tracker.collector.reset()
         self._logging_step = False
         if summary is None:
             return
         self.latest = summary
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.log_results:
             step = trainer.global_step
             log_scalars(trainer.loggers, {f"gradnoise/{k}": v for k, v in summary.items()}, step)
             if self.histograms and tracker.histograms:
@@ -223,6 +225,9 @@ class GradNoiseMonitor(CallbackBase):
                     if values.numel()
                 }
                 log_histograms(trainer.loggers, hists, step)
+
+    def consume_step(self, trainer: Any, optimizer: Any) -> None:
+        """Called after the step's statistics, before the captured moments are cleared."""
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

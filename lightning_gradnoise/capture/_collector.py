@@ -84,6 +84,7 @@ class GradientMomentCollector:
         self._device = self.params[0].device
         self._zero = torch.zeros((), device=self._device)
         self._attached = False
+        self._stale = False
         self._saved: list[Tensor | None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -144,6 +145,11 @@ class GradientMomentCollector:
             raise RuntimeError("begin_group() called twice without end_group()")
         self._scale = float(scale)
         self._group_sizes.append(size)
+        if self._stale:
+            self._stale = False
+            for buf in self._sq_sum:
+                if buf is not None:
+                    buf.zero_()
         if self.mode == "swap" and self._attached:
             params = self.params
             self._saved = [p.grad for p in params]
@@ -207,16 +213,17 @@ class GradientMomentCollector:
             self._scale = None
 
     def reset(self) -> None:
-        """Forget all groups of the step (elementwise buffers are zeroed in place, not freed)."""
+        """Forget all groups of the step (elementwise buffers are zeroed in place, not freed, when
+        the next group begins)."""
         self.cancel_group()
         self._norms = []
         self._scales = []
         self._group_sizes = []
         self._current = [None] * len(self.params)
         self._scale = None
-        for buf in self._sq_sum:
-            if buf is not None:
-                buf.zero_()
+        # zeroed when the next group begins, not now: a VR optimizer may still read this step's
+        # moments (handed over by reference) after the step's statistics are done
+        self._stale = True
 
     def _on_grad(self, index: int, grad: Tensor) -> None:
         # The hot path: one kernel per parameter and backward (the scale is applied per group).

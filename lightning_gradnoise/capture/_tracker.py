@@ -87,6 +87,8 @@ class GradNoiseTracker:
         self.histograms: dict[str, Tensor] = {}
         self.max_pending = 256
         self._pending: list[Tensor] = []
+        self.last_elementwise: tuple[list[Tensor], int] | None = None
+        """The last summarized step's global elementwise moments and group count (GSNR)."""
         self.last_collective_bytes = 0
         """Bytes this process sent in collectives of its own during the last step (plain DDP)."""
 
@@ -197,6 +199,7 @@ class GradNoiseTracker:
         if not summarize:
             return None
         self._fold()
+        self.last_elementwise = None
         layer_gsnr = None
         if finite and col.elementwise and k >= 2:
             if reduced is not None and reduced.elementwise is not None:
@@ -231,6 +234,7 @@ class GradNoiseTracker:
             self.noise_scale.trace_cov.update_many(est.trace_cov)
 
     def _gsnr(self, grads: Sequence[Tensor], k: int, sq_sum: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        self.last_elementwise = (list(sq_sum), k)
         ratios = [gsnr(g.to(s.dtype), gsnr_variance(s, g.to(s.dtype), k)) for s, g in zip(sq_sum, grads)]
         self.histograms = {name: r[~torch.isnan(r)].detach().flatten().cpu() for name, r in zip(self.names, ratios)}
         return gsnr_layer_stats(ratios)

@@ -70,6 +70,13 @@ def main() -> None:
         cls = strategy_class(namespace) if strategy.startswith("gnddp") else L.strategies.DDPStrategy
         strategy = cls(**kw, find_unused_parameters="unused" in strategy)
     model = linreg_module(namespace, truth, lr=lr, batch=int(opts.get("batch", 16)), n_batches=steps * accumulate)
+    if "optimizer" in opts:  # a registered optimizer; VR ones get their moments from VRMoments
+        from lightning_gradnoise import VRMoments, create_optimizer
+
+        extra = {"gamma": float(opts["gamma"])} if "gamma" in opts else {}
+        model.configure_optimizers = lambda: create_optimizer(opts["optimizer"], model, lr=lr, **extra)
+        if opts["optimizer"].startswith("vr_"):
+            callbacks.append(VRMoments())
     if scenario == "unused":
         model.extra = torch.nn.Linear(3, 1)  # never used in the loss
     trainer = L.Trainer(**trainer_kwargs(devices=2, strategy=strategy, accumulate_grad_batches=accumulate, callbacks=callbacks))
