@@ -17,17 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_gradnoise.stats import divided_power
+
 __all__ = ["SecondMoment", "second_moment"]
-
-
-def _f(r1: Tensor, r2: Tensor, t: Tensor) -> Tensor:
-    """(r1^t - r2^t)/(r1 - r2) for real roots, continued by t m^(t-1) where r1 ~ r2."""
-    diff = r1 - r2
-    close = diff.abs() < 1e-7
-    safe = torch.where(close, torch.ones_like(diff), diff)
-    exact = (r1**t - r2**t) / safe
-    mid = 0.5 * (r1 + r2)
-    return torch.where(close, t * mid ** (t - 1), exact)
 
 
 def _lyapunov(a11: Tensor, a12: Tensor, a21: Tensor, a22: Tensor, q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,8 +83,8 @@ class SecondMoment:
         """``(S11, S12, S22)`` after ``t`` steps (``t`` broadcasts against the batch shape)."""
         a11, a12, a21, a22 = self.a
         t = torch.as_tensor(t, dtype=self.det.dtype)
-        ft = torch.where(self.oscillating, self._f_osc(t), _f(self.r1, self.r2, t))
-        ft1 = torch.where(self.oscillating, self._f_osc(t - 1), _f(self.r1, self.r2, t - 1))
+        ft = torch.where(self.oscillating, self._f_osc(t), divided_power(self.r1, self.r2, t))
+        ft1 = torch.where(self.oscillating, self._f_osc(t - 1), divided_power(self.r1, self.r2, t - 1))
         gt = -self.det * ft1  # A^t = f_t A - det(A) f_(t-1) I (Cayley-Hamilton)
         p11, p12, p21, p22 = ft * a11 + gt, ft * a12, ft * a21, ft * a22 + gt
         d11, d12, d22 = self.d

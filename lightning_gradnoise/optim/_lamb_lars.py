@@ -8,7 +8,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["LAMB", "LARS"]
+__all__ = ["LAMB", "LARS", "call_closure"]
+
+
+def call_closure(closure: Optional[Callable[[], float]]) -> Optional[float]:
+    """Evaluate an optimizer closure with gradients enabled, as torch's optimizers do."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
@@ -55,10 +63,7 @@ class LAMB(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -124,10 +129,7 @@ class LARS(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         for group in self.param_groups:
             wd, eta = group["weight_decay"], group["trust_coefficient"]
             for p in group["params"]:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gradnoise.optim._lamb_lars import call_closure
 from lightning_gradnoise.stats import gsnr, gsnr_scale, gsnr_variance
 
 __all__ = ["GSNRScaling", "vr_optimizer_class", "MomentSource"]
@@ -123,10 +124,7 @@ def vr_optimizer_class(base: type[Optimizer], name: str, beta3_default: Optional
 
         @torch.no_grad()
         def step(self, closure: Optional[Callable[[], float]] = None):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
+            loss = call_closure(closure)
             moments = self._moments if self._moments is not None else (self.moment_source() if self.moment_source else None)
             self._moments = None
             if moments is None:

@@ -20,6 +20,7 @@ __all__ = [
     "mu_from_gr_s_groups",
     "batch_range_for_gr_s",
     "check_band",
+    "divided_power",
     "gr_t_expected",
     "gr_t_frozen_steady_state",
     "TemporalRedundancy",
@@ -92,11 +93,16 @@ def batch_range_for_gr_s(b_simple: float, band: Sequence[float] = GR_S_BAND) -> 
     return (1.0 + mu) / high - mu, (1.0 + mu) / low - mu
 
 
-def _divided_power(a: Tensor, b: Tensor, p: float) -> Tensor:
+def divided_power(a: Tensor, b: Tensor, p: Tensor | float, tol: float = 1e-7) -> Tensor:
     r""":math:`(a^p - b^p)/(a - b)`, continued by :math:`p\,m^{p-1}` (:math:`m = (a+b)/2`) where
-    :math:`a \approx b`, which is exact to second order and removes the 0/0."""
+    :math:`|a - b| <` ``tol``, which is exact to second order and removes the 0/0.
+
+    Example:
+        >>> float(divided_power(torch.tensor(0.5), torch.tensor(0.5), 3.0))   # 3 * 0.5**2
+        0.75
+    """
     diff = a - b
-    close = diff.abs() < 1e-6
+    close = diff.abs() < tol
     safe = torch.where(close, torch.ones_like(diff), diff)
     exact = (a**p - b**p) / safe
     mid = 0.5 * (a + b)
@@ -132,7 +138,7 @@ def gr_t_expected(mu_over_b: Tensor | float, lr_lambda: Tensor | float, beta: fl
     bt = torch.full_like(x, beta)
     q = 1.0 - 2.0 * x / (1.0 + r)
     p = 1.0 - x
-    value = (1.0 + r) * _divided_power(bt, q, t) / ((1.0 - beta) * _divided_power(bt, p, t) ** 2)
+    value = (1.0 + r) * divided_power(bt, q, t) / ((1.0 - beta) * divided_power(bt, p, t) ** 2)
     valid = (x >= 0) & (p >= 0) & (q >= 0) & (r >= 0)
     return torch.where(valid, value, torch.full_like(value, float("nan")))
 
