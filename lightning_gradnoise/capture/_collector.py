@@ -247,6 +247,23 @@ class GradientMomentCollector:
 
     # -- results ------------------------------------------------------------------------------
     @property
+    def open_scale(self) -> float:
+        """The scale of the open group (``begin_group``'s argument)."""
+        if self._scale is None:
+            raise RuntimeError("no group is open")
+        return self._scale
+
+    @property
+    def open_size(self) -> int | None:
+        """The size of the open group."""
+        return self._group_sizes[-1] if self._scale is not None else None
+
+    def current_norm(self, index: int) -> Tensor:
+        """The open group's raw gradient norm of tensor ``index`` (zero if it got no gradient)."""
+        t = self._current[index]
+        return self._zero if t is None else t
+
+    @property
     def group_open(self) -> bool:
         """Whether :meth:`begin_group` was called and :meth:`end_group` not yet."""
         return self._scale is not None

@@ -89,16 +89,28 @@ def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket) -> tuple[
     known = [i for i in idx if i >= 0]
     if col.mode == "external":  # the bucket holds this process's group gradient: read it here
         grads = bucket.gradients()
-        col.record(known, [g for i, g in zip(idx, grads) if i >= 0])
+        mine = [g for i, g in zip(idx, grads) if i >= 0]
+        col.record(known, mine)
+        if col.num_groups == 0 and mine:  # the one group is the open one: its sums are the norms
+            scale = col.open_scale
+            head = torch.stack([col.current_norm(i) for i in known]).square_().mul_(scale * scale)
+            if bucket.is_last():
+                size = col.open_size
+                counts = [1.0, 1.0 / size, float(size)] if size else [1.0, float("nan"), float("nan")]
+                head = torch.cat([head, head.new_tensor(counts)])
+            return known, head, _elementwise(col, known)
     sums, k, inv, total = col.local_sums()
     head = sums[known]
     if bucket.is_last():
         head = torch.cat([head, torch.tensor([k, inv, total], dtype=torch.float64, device=head.device)])
-    elem = None
-    if col.elementwise:
-        parts = col.elementwise_sq_sum()
-        elem = torch.cat([parts[i].reshape(-1) for i in known]) if known else None
-    return known, head, elem
+    return known, head, _elementwise(col, known)
+
+
+def _elementwise(col: GradientMomentCollector, known: list[int]) -> Tensor | None:
+    if not col.elementwise or not known:
+        return None
+    parts = col.elementwise_sq_sum()
+    return torch.cat([parts[i].reshape(-1) for i in known])
 
 
 def _store(state: GradNoiseCommState, bucket: dist.GradBucket, known: list[int], head: Tensor, elem: Tensor | None, nbytes: int) -> None:
