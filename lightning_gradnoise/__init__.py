@@ -8,7 +8,7 @@ Layers (each imports only those below it):
 4. :mod:`lightning_gradnoise.callbacks`: Lightning glue.
 """
 
-from lightning_gradnoise.callbacks import GradNoiseMonitor, MisconfigurationError, VRMoments
+from lightning_gradnoise.callbacks import BatchSizeAdapter, GradNoiseMonitor, LRAdapter, MisconfigurationError, VRMoments
 from lightning_gradnoise.capture import GradientMomentCollector, GradNoiseTracker
 from lightning_gradnoise.optim import create_optimizer, list_optimizers
 from lightning_gradnoise.strategies import GradNoiseDDPStrategy, register_strategies
@@ -18,10 +18,12 @@ register_strategies()
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchSizeAdapter",
     "GradNoiseDDPStrategy",
     "GradNoiseMonitor",
     "GradNoiseTracker",
     "GradientMomentCollector",
+    "LRAdapter",
     "MisconfigurationError",
     "VRMoments",
     "__version__",

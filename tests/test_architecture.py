@@ -16,6 +16,8 @@ LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
 ALLOWED = {
     "stats": {"stats"},
     "nqm": {"stats", "nqm"},
+    "scaling": {"stats", "scaling"},
+    "control": {"stats", "scaling", "control"},
     "capture": {"stats", "capture"},
     "optim": {"stats", "optim"},
 }

@@ -64,6 +64,22 @@ def main() -> None:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         kw["ddp_comm_wrapper"] = default_hooks.fp16_compress_wrapper
+    adapters = []
+    if scenario == "adapt":
+        from lightning_gradnoise import BatchSizeAdapter, LRAdapter
+
+        adapters = [BatchSizeAdapter(cooldown=10), LRAdapter(cooldown=10)]
+        callbacks.extend(adapters)
+
+    class Count(L.Callback):
+        seen = 0
+        accumulate: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            Count.seen += 1
+            Count.accumulate.append(trainer.accumulate_grad_batches)
+
+    callbacks.append(Count())
     if kw:
         from lightning_gradnoise.strategies import strategy_class
 
@@ -87,6 +103,9 @@ def main() -> None:
         "records": records,
         "weight": model.lin.weight.detach().flatten().tolist(),
         "truth_b_simple": truth.b_simple,
+        "micro_batches_seen": Count.seen,
+        "accumulate": Count.accumulate,
+        "decisions": [a.decisions for a in adapters],
         "strategy": type(trainer.strategy).__module__ + "." + type(trainer.strategy).__name__,
     }
     with open(os.path.join(outdir, f"rank{trainer.global_rank}.json"), "w") as f:

@@ -1,0 +1,235 @@
+"""Auto-tuning callbacks: batch size toward the GR_S band, learning rate toward GR_T's target.
+
+Both read :class:`GradNoiseMonitor`'s values (identical on every rank) and take their decisions in
+the plain controllers of :mod:`lightning_gradnoise.control`; these classes only apply them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from lightning_gradnoise.callbacks._compat import CallbackBase, namespace_of
+from lightning_gradnoise.callbacks._logging import log_scalars
+from lightning_gradnoise.callbacks._monitor import GradNoiseMonitor, MisconfigurationError
+from lightning_gradnoise.control import BatchSizeController, LRController, lr_rule_for
+from lightning_gradnoise.scaling import lr_scale_factor
+
+__all__ = ["BatchSizeAdapter", "LRAdapter", "scale_learning_rate"]
+
+_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+
+
+def scale_learning_rate(optimizer: Any, schedulers: list[Any], factor: float) -> None:
+    """Multiply the learning rate by ``factor`` so that schedulers keep it.
+
+    The current ``lr`` of every group and the values schedulers compute from (``initial_lr``,
+    ``max_lr``, ``min_lr`` in the groups, ``base_lrs`` of each scheduler) are scaled alike:
+    chainable schedulers (``StepLR``, ``ExponentialLR``) continue from the scaled ``lr``, closed-form
+    ones (``LambdaLR``, ``OneCycleLR``, ...) recompute from the scaled bases, so the schedule's
+    shape is kept and the scale is not wiped out."""
+    for group in optimizer.param_groups:
+        for key in _GROUP_KEYS:
+            if isinstance(group.get(key), (int, float)):
+                group[key] = group[key] * factor
+    for sched in schedulers:
+        if hasattr(sched, "base_lrs"):
+            sched.base_lrs = [b * factor for b in sched.base_lrs]
+        if hasattr(sched, "_last_lr"):
+            sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+def _monitor(trainer: Any, needs: str, who: str) -> GradNoiseMonitor:
+    for cb in trainer.callbacks:
+        if type(cb) is GradNoiseMonitor and needs in cb.statistics:  # not VRMoments, its subclass
+            return cb
+    raise MisconfigurationError(
+        f"{who} steers by {needs.upper()}: add GradNoiseMonitor(statistics=(..., '{needs}')) to the Trainer's callbacks"
+    )
+
+
+def _schedulers(trainer: Any) -> list[Any]:
+    return [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
+
+
+class BatchSizeAdapter(CallbackBase):
+    r"""Changes the global batch during training to keep :math:`GR_S` in ``band``.
+
+    The batch grows and shrinks through ``accumulate_grad_batches`` (powers of two), so the
+    micro-batch, and the memory it takes, never changes and every sample of an epoch is still
+    used once. Changes happen at optimizer-step boundaries, mid-epoch too, once the accumulation
+    windows line up. On each change the learning rate is rescaled by
+    :math:`\epsilon_\text{opt}(B_2)/\epsilon_\text{opt}(B_1)` at :math:`B_\text{noise} = B_\text{simple}`
+    (McCandlish Eq. 2.7 for SGD-style optimizers, the surge rule for Adam-style ones; ``lr_rule``
+    overrides the detection). Needs a :class:`GradNoiseMonitor` measuring ``gr_s``.
+
+    Args:
+        min_batch, max_batch: bounds on the global batch (default: one micro-batch per device, and
+            1024 micro-batches per device).
+        band, hysteresis, cooldown: see :class:`~lightning_gradnoise.control.BatchSizeController`.
+        lr_rule: ``"auto"``, ``"sgd"``, ``"adam"``, or ``None`` to leave the learning rate alone.
+    """
+
+    def __init__(
+        self,
+        min_batch: Optional[int] = None,
+        max_batch: Optional[int] = None,
+        band: tuple[float, float] = (0.5, 0.65),
+        hysteresis: float = 0.02,
+        cooldown: int = 50,
+        lr_rule: Optional[str] = "auto",
+    ) -> None:
+        if lr_rule not in ("auto", "sgd", "adam", None):
+            raise ValueError(f"lr_rule={lr_rule!r} is invalid: expected 'auto', 'sgd', 'adam' or None")
+        BatchSizeController(unit=1, min_batch=1, max_batch=1, band=band, hysteresis=hysteresis, cooldown=cooldown)
+        self.min_batch, self.max_batch = min_batch, max_batch
+        self.band, self.hysteresis, self.cooldown, self.lr_rule = tuple(band), hysteresis, cooldown, lr_rule
+        self.controller: Optional[BatchSizeController] = None
+        self.pending: Optional[int] = None
+        self.accumulate: Optional[int] = None
+        self.lr_scale = 1.0
+        self.decisions: list[tuple[int, str]] = []
+        self._seen: Any = None
+        self._restored: Optional[dict] = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.monitor = _monitor(trainer, "gr_s", "BatchSizeAdapter")
+        ns = namespace_of(trainer)
+        if not isinstance(trainer.strategy, (ns.strategies.DDPStrategy, ns.strategies.SingleDeviceStrategy)):
+            raise MisconfigurationError(
+                f"BatchSizeAdapter changes accumulate_grad_batches, which {type(trainer.strategy).__name__} does not "
+                "support mid-run: use a single device, strategy='ddp' or strategy='gnddp'."
+            )
+        k = trainer.accumulate_grad_batches
+        if k & (k - 1):
+            raise MisconfigurationError(f"BatchSizeAdapter needs accumulate_grad_batches to be a power of two, got {k}")
+
+    def _ensure_controller(self, trainer: Any, micro: int) -> BatchSizeController:
+        if self.controller is None:
+            unit = micro * trainer.world_size
+            self.controller = BatchSizeController(
+                unit=unit,
+                min_batch=self.min_batch or unit,
+                max_batch=self.max_batch or unit * 1024,
+                band=self.band,
+                hysteresis=self.hysteresis,
+                cooldown=self.cooldown,
+            )
+            if self._restored:
+                self.controller.load_state_dict(self._restored["controller"])
+        return self.controller
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.accumulate is not None:  # resumed: the batch this run had reached
+            trainer.accumulate_grad_batches = self.accumulate
+        self.accumulate = trainer.accumulate_grad_batches
+        if self.lr_rule == "auto":
+            self.rule = lr_rule_for(getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0]))
+        else:
+            self.rule = self.lr_rule
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        k = trainer.accumulate_grad_batches
+        if (batch_idx + 1) % k != 0:
+            return  # not an optimizer-step boundary
+        latest = self.monitor.latest
+        if latest is not self._seen and "gr_s" in latest:
+            self._seen = latest
+            controller = self._ensure_controller(trainer, self.monitor._micro_size or 1)
+            batch = controller.unit * k
+            decision = controller.decide(latest["gr_s"], batch, trainer.global_step)
+            # every rank holds the same all-reduced values; rank 0's word settles it regardless
+            new_batch, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
+            if changed:
+                self.pending = int(round(new_batch / controller.unit))
+                self._announce(trainer, reason, new_batch)
+        if self.pending is not None and (batch_idx + 1) % self.pending == 0:
+            self._apply(trainer, k, self.pending)
+
+    def _apply(self, trainer: Any, old_k: int, new_k: int) -> None:
+        self.pending = None
+        if new_k == old_k:
+            return
+        unit = self.controller.unit
+        if self.rule is not None:
+            b_noise = self.monitor.latest.get("b_simple", float("nan"))
+            if b_noise > 0:
+                factor = float(lr_scale_factor(self.rule, unit * old_k, unit * new_k, b_noise))
+                for opt in trainer.optimizers:
+                    scale_learning_rate(opt, _schedulers(trainer), factor)
+                self.lr_scale *= factor
+        trainer.accumulate_grad_batches = new_k
+        self.accumulate = new_k
+        if trainer.is_global_zero:
+            log_scalars(trainer.loggers, {"gradnoise/batch_target": float(unit * new_k), "gradnoise/lr_scale": self.lr_scale}, trainer.global_step)
+
+    def _announce(self, trainer: Any, reason: str, new_batch: float) -> None:
+        self.decisions.append((trainer.global_step, reason))
+        if trainer.is_global_zero:
+            log_scalars(trainer.loggers, {"gradnoise/decision/batch_size": float(new_batch)}, trainer.global_step)
+            for logger in trainer.loggers:
+                if type(logger).__name__ == "TensorBoardLogger":
+                    logger.experiment.add_text("gradnoise/decisions", reason, trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "controller": self.controller.state_dict() if self.controller else {"last_change": 0},
+            "pending": self.pending,
+            "accumulate": self.accumulate,
+            "lr_scale": self.lr_scale,
+            "decisions": list(self.decisions),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict
+        self.pending = state_dict["pending"]
+        self.accumulate = state_dict["accumulate"]
+        self.lr_scale = state_dict["lr_scale"]
+        self.decisions = [tuple(d) for d in state_dict["decisions"]]
+        if self.controller is not None:
+            self.controller.load_state_dict(state_dict["controller"])
+
+
+class LRAdapter(CallbackBase):
+    r"""Moves the learning rate toward :math:`GR_T \approx` ``target`` (GR-Gauge Theorem 1: GR_T
+    rises with the learning rate) in bounded multiplicative steps with a cooldown. Composes with
+    LR schedulers (:func:`scale_learning_rate`) and with :class:`BatchSizeAdapter`. Needs a
+    :class:`GradNoiseMonitor` measuring ``gr_t``.
+    """
+
+    def __init__(self, target: float = 20.0, tolerance: float = 1.5, step_factor: float = 1.25, cooldown: int = 50,
+                 min_scale: float = 1e-3, max_scale: float = 1e3) -> None:
+        self.controller = LRController(target=target, tolerance=tolerance, step_factor=step_factor, cooldown=cooldown,
+                                       min_scale=min_scale, max_scale=max_scale)
+        self.lr_scale = 1.0
+        self.decisions: list[tuple[int, str]] = []
+        self._seen: Any = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self.monitor = _monitor(trainer, "gr_t", "LRAdapter")
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        latest = self.monitor.latest
+        if latest is self._seen or "gr_t" not in latest:
+            return
+        self._seen = latest
+        decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step)
+        new_scale, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
+        if not changed:
+            return
+        for opt in trainer.optimizers:
+            scale_learning_rate(opt, _schedulers(trainer), new_scale / self.lr_scale)
+        self.lr_scale = new_scale
+        self.decisions.append((trainer.global_step, reason))
+        if trainer.is_global_zero:
+            log_scalars(trainer.loggers, {"gradnoise/lr_scale": self.lr_scale}, trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"controller": self.controller.state_dict(), "lr_scale": self.lr_scale, "decisions": list(self.decisions)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state_dict["controller"])
+        self.lr_scale = state_dict["lr_scale"]
+        self.decisions = [tuple(d) for d in state_dict["decisions"]]

@@ -1,0 +1,126 @@
+"""Auto-tuning: the decision rules without a Trainer, then in real fits (one device and 2-process DDP)."""
+
+from __future__ import annotations
+
+import glob
+import math
+
+import pytest
+import torch
+
+from helpers import LinRegTruth, linreg_module, ns, recording_logger, trainer_kwargs
+from lightning_gradnoise import BatchSizeAdapter, GradNoiseMonitor, LRAdapter, MisconfigurationError
+from lightning_gradnoise.control import BatchSizeController, LRController, lr_rule_for
+from lightning_gradnoise.optim import LAMB, LARS, create_optimizer
+from test_ddp import launch
+
+
+def test_batch_rule_moves_the_right_way() -> None:
+    c = BatchSizeController(unit=16, min_batch=16, max_batch=256, cooldown=10)
+    assert c.decide(0.9, 64, step=100).value == 128  # above the band: grow (Theorem 2: GR_S falls)
+    assert c.decide(0.9, 128, step=105).changed is False  # cooldown
+    assert c.decide(0.57, 128, step=200).value == 128  # inside
+    assert c.decide(0.3, 128, step=300).value == 64  # below: shrink
+    assert c.decide(0.66, 64, step=400).changed is False  # within the hysteresis
+    assert c.decide(0.9, 256, step=500).changed is False  # at max_batch
+    assert c.decide(0.1, 16, step=600).changed is False  # at min_batch
+    assert c.decide(math.nan, 64, step=700).changed is False
+    lo, hi = c.target_range(100.0)
+    assert lo < 100.0 < hi
+
+
+def test_lr_rule_moves_the_right_way() -> None:
+    c = LRController(target=20, tolerance=1.5, step_factor=1.25, cooldown=5)
+    assert c.decide(45.0, 1.0, step=10).value == pytest.approx(0.8)  # GR_T too high (Theorem 1)
+    assert c.decide(5.0, 0.8, step=12).changed is False  # cooldown
+    assert c.decide(5.0, 0.8, step=20).value == pytest.approx(1.0)  # too low: raise
+    assert c.decide(22.0, 1.0, step=40).changed is False  # near target
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(unit=16, min_batch=16, max_batch=8), "min_batch"),
+        (dict(unit=16, min_batch=16, max_batch=64, band=(0.7, 0.6)), "band"),
+        (dict(unit=16, min_batch=16, max_batch=64, band=(0.5, 1.2)), "band"),
+        (dict(unit=0, min_batch=16, max_batch=64), "unit"),
+        (dict(unit=16, min_batch=16, max_batch=64, hysteresis=0.5), "hysteresis"),
+    ],
+)
+def test_batch_controller_rejects_bad_settings(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        BatchSizeController(**kwargs)
+
+
+def test_rule_detection() -> None:
+    w = [torch.nn.Parameter(torch.ones(1))]
+    assert lr_rule_for(torch.optim.SGD(w, lr=0.1)) == "sgd"
+    assert lr_rule_for(torch.optim.AdamW(w)) == "adam"
+    assert lr_rule_for(LAMB(w)) == "adam" and lr_rule_for(LARS(w)) == "sgd"
+    assert lr_rule_for(create_optimizer("vr_adam", w)) == "adam"
+    with pytest.raises(ValueError, match="lr_rule"):
+        lr_rule_for(torch.optim.LBFGS(w))
+    with pytest.raises(ValueError, match="lr_rule"):
+        BatchSizeAdapter(lr_rule="lion")
+
+
+def adapt_run(tmp_path=None, max_epochs=2, resume=None, ckpt=False):
+    L = ns("lightning.pytorch")
+    truth = LinRegTruth(d=8, seed=1)
+    base = type(linreg_module("lightning.pytorch", truth, lr=0.02, batch=4, n_batches=256))
+
+    class WithScheduler(base):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.02)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.001 * s))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    logger = recording_logger("lightning.pytorch")
+    mon = GradNoiseMonitor(statistics="all", log_every_n_steps=5)
+    bsa, lra = BatchSizeAdapter(cooldown=10), LRAdapter(cooldown=10)
+    cbs = [mon, bsa, lra]
+    if ckpt:
+        cbs.append(L.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, every_n_epochs=1))
+    kw = trainer_kwargs(accumulate_grad_batches=2, callbacks=cbs, logger=logger, max_epochs=max_epochs)
+    kw["enable_checkpointing"] = ckpt
+    model = WithScheduler()
+    trainer = L.Trainer(**kw)
+    trainer.fit(model, ckpt_path=resume)
+    return trainer, model, bsa, lra, logger
+
+
+def test_adapters_in_a_fit_compose_with_a_scheduler_and_resume_exactly(tmp_path) -> None:
+    trainer, model, bsa, lra, logger = adapt_run(tmp_path, ckpt=True)
+    assert bsa.decisions and trainer.accumulate_grad_batches > 2  # the batch grew mid-epoch
+    assert any(s % 64 for s, _ in bsa.decisions)  # not only at epoch boundaries (64 steps at K=2)
+    # the learning rate actually used = the schedule (LambdaLR from base 0.02) x both scales
+    group = trainer.optimizers[0].param_groups[0]
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    want = 0.02 * bsa.lr_scale * lra.lr_scale / (1.0 + 0.001 * sched.last_epoch)
+    assert group["lr"] == pytest.approx(want, rel=1e-9)
+    assert math.isfinite(float(model.lin.weight.sum()))
+    # resume from the end of epoch 1 (after changes): same batch size, scales and next decisions
+    (ckpt,) = glob.glob(str(tmp_path / "epoch=0-*.ckpt"))
+    t2, m2, bsa2, lra2, _ = adapt_run(resume=ckpt)
+    assert t2.accumulate_grad_batches == trainer.accumulate_grad_batches
+    assert bsa2.decisions == bsa.decisions and lra2.decisions == lra.decisions
+    assert bsa2.lr_scale == bsa.lr_scale and lra2.lr_scale == lra.lr_scale
+    assert torch.equal(m2.lin.weight, model.lin.weight)
+
+
+def test_adapters_need_the_monitor() -> None:
+    L = ns("lightning.pytorch")
+    model = linreg_module("lightning.pytorch", LinRegTruth(d=3), lr=0.1, n_batches=8)
+    with pytest.raises(MisconfigurationError, match="GradNoiseMonitor"):
+        L.Trainer(**trainer_kwargs(accumulate_grad_batches=2, callbacks=[BatchSizeAdapter()])).fit(model)
+    with pytest.raises(MisconfigurationError, match="power of two"):
+        L.Trainer(**trainer_kwargs(accumulate_grad_batches=3, callbacks=[GradNoiseMonitor(), BatchSizeAdapter()])).fit(model)
+
+
+def test_batch_changes_mid_epoch_under_ddp_without_hang_and_ranks_agree(tmp_path) -> None:
+    ranks = launch(tmp_path, "adapt", steps=200, accumulate=2, lr=0.02, batch=4, every=5, decay=0.95)
+    a, b = ranks
+    assert a["decisions"] == b["decisions"] and a["decisions"][0]  # same decisions, and some
+    assert a["accumulate"] == b["accumulate"] and max(a["accumulate"]) > 2  # the batch changed
+    assert a["weight"] == b["weight"] and all(math.isfinite(w) for w in a["weight"])
+    assert a["micro_batches_seen"] == b["micro_batches_seen"] == 400  # every batch of the epoch, once
