@@ -1,0 +1,117 @@
+"""Auto-tuning against a grid of fixed settings: steps and examples to a target training loss.
+
+    python benchmarks/autotune_digits.py [--target 0.15] [--max-steps 3000] [--plot autotune.png]
+
+The digits MLP of examples/digits_monitor.py (SGD, momentum 0.9) on scikit-learn's digits. The
+grid: 4 global batch sizes x 4 learning rates, fixed. The controller (GradNoiseMonitor +
+BatchSizeAdapter + LRAdapter) starts from three poor settings: batch 8x too small, batch 8x too
+large, learning rate 10x too small (against batch 64, lr 0.1). Each run stops when the loss on
+the whole training set reaches the target; it counts optimizer steps and examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from digits_monitor import DigitsMLP, L, digits_loaders  # noqa: E402
+
+from lightning_gradnoise import BatchSizeAdapter, GradNoiseMonitor, LRAdapter  # noqa: E402
+
+
+class StopAtTarget(L.Callback):
+    """After every optimizer step: the loss on the whole training set; stop at the target."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, target: float) -> None:
+        self.x, self.y, self.target = x, y, target
+        self.steps, self.examples, self.reached = 0, 0, False
+        self._micro = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._micro += len(batch[0])
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        self.steps += 1
+        self.examples += self._micro
+        self._micro = 0
+        with torch.no_grad():
+            loss = float(nn.functional.cross_entropy(pl_module.net(self.x), self.y))
+        if loss <= self.target:
+            self.reached = True
+            trainer.should_stop = True
+
+
+def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt: bool, data) -> dict:
+    L.seed_everything(0, verbose=False)
+    x, y, train = data(micro)
+    stop = StopAtTarget(x, y, target)
+    callbacks = [stop]
+    if adapt:
+        callbacks += [GradNoiseMonitor(statistics="all", log_every_n_steps=5), BatchSizeAdapter(cooldown=10, max_batch=1024), LRAdapter(cooldown=10)]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=10_000, accumulate_grad_batches=batch // micro,
+        callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(DigitsMLP(lr), train)
+    final_batch = micro * trainer.accumulate_grad_batches
+    return {"batch": batch, "lr": lr, "steps": stop.steps if stop.reached else float("inf"),
+            "examples": stop.examples if stop.reached else float("inf"), "final_batch": final_batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", type=float, default=0.15)
+    parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--plot")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+
+    def data(micro):
+        train, _ = digits_loaders(micro)
+        ds = train.dataset
+        return ds.tensors[0], ds.tensors[1], train
+
+    grid = [run(b, lr, min(b, 64), args.target, args.max_steps, False, data) for b in (16, 64, 256, 1024) for lr in (0.01, 0.03, 0.1, 0.3)]
+    starts = {"batch 8x too small (8, lr 0.1)": (8, 0.1, 4), "batch 8x too large (512, lr 0.1)": (512, 0.1, 64), "lr 10x too small (64, lr 0.01)": (64, 0.01, 16)}
+    adaptive = {name: run(b, lr, micro, args.target, args.max_steps, True, data) for name, (b, lr, micro) in starts.items()}
+    print(f"\ndigits MLP, SGD momentum 0.9, steps and examples to training loss {args.target} (inf: not within {args.max_steps} steps)")
+    print(f"{'run':<36} {'steps':>7} {'examples':>9}")
+    for r in grid:
+        print(f"{'fixed batch %d, lr %g' % (r['batch'], r['lr']):<36} {r['steps']:>7} {r['examples']:>9}")
+    for name, r in adaptive.items():
+        print(f"{'controller from ' + name:<36} {r['steps']:>7} {r['examples']:>9}  (ends at batch {r['final_batch']})")
+    for name, r in adaptive.items():
+        better = [g for g in grid if g["steps"] < r["steps"] and g["examples"] < r["examples"]]
+        print(f"grid points with both fewer steps and fewer examples than the controller from {name}: {len(better)}"
+              + (" (" + ", ".join(f"B={g['batch']} lr={g['lr']}" for g in better) + ")" if better else ""))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        pts = [g for g in grid if g["steps"] != float("inf")]
+        ax.scatter([g["examples"] for g in pts], [g["steps"] for g in pts], c="gray", label="fixed grid")
+        for g in pts:
+            ax.annotate(f"{g['batch']},{g['lr']}", (g["examples"], g["steps"]), fontsize=6)
+        for name, r in adaptive.items():
+            if r["steps"] != float("inf"):
+                ax.scatter([r["examples"]], [r["steps"]], marker="*", s=150, label=f"controller from {name}")
+        ax.set(xscale="log", yscale="log", xlabel="examples to target", ylabel="steps to target")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
