@@ -124,3 +124,15 @@ def test_batch_changes_mid_epoch_under_ddp_without_hang_and_ranks_agree(tmp_path
     assert a["accumulate"] == b["accumulate"] and max(a["accumulate"]) > 2  # the batch changed
     assert a["weight"] == b["weight"] and all(math.isfinite(w) for w in a["weight"])
     assert a["micro_batches_seen"] == b["micro_batches_seen"] == 400  # every batch of the epoch, once
+
+
+def test_ddp_run_resumed_after_a_change_continues_identically(tmp_path) -> None:
+    common = dict(steps=100, accumulate=2, lr=0.02, batch=4, every=5, decay=0.95, epochs=2)
+    ckpt_dir = tmp_path / "ckpt"
+    full = launch(tmp_path, "adapt", ckpt_dir=ckpt_dir, **common)
+    (ckpt,) = glob.glob(str(ckpt_dir / "epoch=0-*.ckpt"))
+    resumed = launch(tmp_path, "adapt", resume=ckpt, **common)
+    assert full[0]["decisions"][0]  # the batch changed during the first epoch
+    for a, b in zip(full, resumed):
+        assert b["decisions"] == a["decisions"] and b["lr_scales"] == a["lr_scales"]
+        assert b["final_accumulate"] == a["final_accumulate"] and b["weight"] == a["weight"]

@@ -19,7 +19,7 @@ WORKER = Path(__file__).parent / "ddp" / "worker.py"
 
 
 def launch(tmp_path: Path, scenario: str, **opts) -> list[dict]:
-    out = tmp_path / "_".join([scenario] + [f"{k}-{v}" for k, v in opts.items()])
+    out = tmp_path / f"run{sum(1 for _ in tmp_path.glob('run*'))}_{scenario}"
     out.mkdir()
     args = [sys.executable, str(WORKER), scenario, str(out)] + [f"{k}={v}" for k, v in opts.items()]
     env = dict(os.environ, PYTHONWARNINGS="ignore")

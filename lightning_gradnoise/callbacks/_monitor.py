@@ -89,6 +89,7 @@ class GradNoiseMonitor(CallbackBase):
         self._micro_size: int | None = None
         self._logging_step = False
         self._step_scale = 1.0
+        self._accumulate: int | None = None
         self._comm: Any = None
         self.log_results = True
 
@@ -174,9 +175,11 @@ class GradNoiseMonitor(CallbackBase):
             # accumulation window (GradScaler updates after the optimizer step): read them once.
             self._logging_step = trainer.global_step % self._every(trainer) == 0
             self.tracker.begin_step(elementwise=self._logging_step)
-            mode = self.capture_mode(trainer)  # accumulation may change (GradientAccumulationScheduler)
-            if mode != self.tracker.collector.mode:
-                self.tracker.collector.set_mode(mode)
+            if trainer.accumulate_grad_batches != self._accumulate:  # changed (a scheduler, an adapter)
+                self._accumulate = trainer.accumulate_grad_batches
+                mode = self.capture_mode(trainer)
+                if mode != self.tracker.collector.mode:
+                    self.tracker.collector.set_mode(mode)
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             self._step_scale = self.group_scale(trainer.accumulate_grad_batches, loss_scale, 1)

@@ -177,6 +177,12 @@ class GradientMomentCollector:
         fresh = [p.grad for p in params]
         scale2 = self._scale * self._scale
         # (`None in list_of_tensors` would call Tensor.__eq__: test identity only)
+        if all(g is not None for g in fresh) and all(g is None for g in saved):  # a step's first group
+            self._current = list(torch._foreach_norm(fresh))
+            if self.elementwise:
+                bufs = [self._sq_buffer(i, g) for i, g in enumerate(fresh)]
+                torch._foreach_addcmul_(bufs, fresh, fresh, value=scale2)
+            return
         if all(g is not None for g in fresh) and all(g is not None for g in saved):  # the usual case
             self._current = list(torch._foreach_norm(fresh))
             if self.elementwise:

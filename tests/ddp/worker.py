@@ -95,8 +95,12 @@ def main() -> None:
             callbacks.append(VRMoments())
     if scenario == "unused":
         model.extra = torch.nn.Linear(3, 1)  # never used in the loss
-    trainer = L.Trainer(**trainer_kwargs(devices=2, strategy=strategy, accumulate_grad_batches=accumulate, callbacks=callbacks))
-    trainer.fit(model)
+    extra_kw: dict = {"max_epochs": int(opts.get("epochs", 1))}
+    if "ckpt_dir" in opts:
+        callbacks.append(L.callbacks.ModelCheckpoint(dirpath=opts["ckpt_dir"], save_top_k=-1, every_n_epochs=1))
+        extra_kw["enable_checkpointing"] = True
+    trainer = L.Trainer(**trainer_kwargs(devices=2, strategy=strategy, accumulate_grad_batches=accumulate, callbacks=callbacks, **extra_kw))
+    trainer.fit(model, ckpt_path=opts.get("resume"))
     out = {
         "rank": trainer.global_rank,
         "rows": rows,
@@ -106,6 +110,8 @@ def main() -> None:
         "micro_batches_seen": Count.seen,
         "accumulate": Count.accumulate,
         "decisions": [a.decisions for a in adapters],
+        "final_accumulate": trainer.accumulate_grad_batches,
+        "lr_scales": [a.lr_scale for a in adapters],
         "strategy": type(trainer.strategy).__module__ + "." + type(trainer.strategy).__name__,
     }
     with open(os.path.join(outdir, f"rank{trainer.global_rank}.json"), "w") as f:
