@@ -66,28 +66,36 @@ class LAMB(Optimizer):
         loss = call_closure(closure)
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float64)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                update = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt_().add_(group["eps"]))
-                if group["weight_decay"]:
-                    update.add_(p, alpha=group["weight_decay"])
-                w_norm = torch.linalg.vector_norm(p)
-                if group["trust_clip"] is not None:
-                    w_norm = w_norm.clamp(max=group["trust_clip"])
-                ratio = _trust_ratio(w_norm, torch.linalg.vector_norm(update))
-                p.add_(update * ratio, alpha=-group["lr"])
+            # multi-tensor (foreach) kernels across the group's tensors; the trust ratio per tensor
+            ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+            torch._foreach_lerp_(ms, grads, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
+            steps = [float(st["step"]) for st in states]
+            update = torch._foreach_div(ms, [1 - b1**t for t in steps])
+            denom = torch._foreach_div(vs, [1 - b2**t for t in steps])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_div_(update, denom)
+            if group["weight_decay"]:
+                torch._foreach_add_(update, params, alpha=group["weight_decay"])
+            w_norm = torch.stack(torch._foreach_norm(params))
+            if group["trust_clip"] is not None:
+                w_norm = w_norm.clamp(max=group["trust_clip"])
+            ratio = _trust_ratio(w_norm, torch.stack(torch._foreach_norm(update)))
+            torch._foreach_mul_(update, list(ratio.unbind()))
+            torch._foreach_add_(params, update, alpha=-group["lr"])
         return loss
 
 
@@ -132,23 +140,30 @@ class LARS(Optimizer):
         loss = call_closure(closure)
         for group in self.param_groups:
             wd, eta = group["weight_decay"], group["trust_coefficient"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                denom = g_norm + wd * w_norm + group["eps"]
-                ok = (w_norm > 0) & (g_norm > 0)
-                local = torch.where(ok, eta * w_norm / torch.where(ok, denom, torch.ones_like(denom)), torch.ones_like(w_norm))
-                d = g.add(p, alpha=wd) if wd else g.clone()
-                d.mul_(local * group["lr"])
-                state = self.state[p]
-                if group["momentum"]:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            denom = g_norm + wd * w_norm + group["eps"]
+            ok = (w_norm > 0) & (g_norm > 0)
+            local = torch.where(ok, eta * w_norm / torch.where(ok, denom, torch.ones_like(denom)), torch.ones_like(w_norm))
+            steps = torch._foreach_add(grads, params, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
+            torch._foreach_mul_(steps, list((local * group["lr"]).unbind()))
+            if group["momentum"]:
+                bufs = []
+                for p, d in zip(params, steps):
+                    state = self.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = d.clone()
+                        bufs.append(None)
                     else:
-                        buf.mul_(group["momentum"]).add_(d)
-                    d = buf
-                p.sub_(d)
+                        bufs.append(state["momentum_buffer"])
+                live = [(b, d) for b, d in zip(bufs, steps) if b is not None]
+                if live:
+                    torch._foreach_mul_([b for b, _ in live], group["momentum"])
+                    torch._foreach_add_([b for b, _ in live], [d for _, d in live])
+                steps = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_sub_(params, steps)
         return loss
