@@ -54,3 +54,7 @@ def test_vr_adam_under_gnddp_identical_ranks_and_gamma_one_is_adam(tmp_path) -> 
     assert vr[0]["weight"] == vr[1]["weight"]
     assert vr_one[0]["weight"] == adam[0]["weight"]  # the moments arrived every step; factor 1
     assert vr[0]["weight"] != adam[0]["weight"]  # and with gamma = 0.1 they changed the update
+    # plain ddp: VRMoments gets the moments from its own all-reduce; the same update as gnddp's
+    plain = launch(tmp_path, "vr", optimizer="vr_adam", strategy="ddp", **common)
+    assert plain[0]["weight"] == plain[1]["weight"]
+    assert plain[0]["weight"] == pytest.approx(vr[0]["weight"], rel=1e-5)
