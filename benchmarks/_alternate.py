@@ -11,7 +11,7 @@ import statistics
 import time
 from typing import Any
 
-__all__ = ["Alternating", "StepTimes"]
+__all__ = ["build"]
 
 _HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
 

@@ -54,7 +54,6 @@ def main() -> None:
         final = {k: v for k, v in final.items() if v == v and v < float("inf")}
         best[name] = min(final, key=final.get)
         print(f"{name} test loss after 100 steps by learning rate: " + ", ".join(f"{k}: {v:.3g}" for k, v in final.items()) + f" -> lr {best[name]}")
-    lr = best["sgd"]
     sgd = [train("sgd", best["sgd"], 256, 8, 100, s) for s in seeds]
     vr = [train("vr_sgd", best["vr_sgd"], 256, 8, 100, s) for s in seeds]
     reach = []

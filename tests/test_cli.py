@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 from lightning_gradnoise.cli import main
 

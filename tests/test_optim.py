@@ -3,7 +3,6 @@ against their papers' update rules; gamma = 1 against the base optimizers; check
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -8,8 +8,8 @@ App. E); :math:`GR_T` rises with the learning rate (Theorem 1).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr_s, check_band
 
