@@ -79,3 +79,18 @@ def test_gsnr_scale_normalizes_per_layer_and_clamps() -> None:
     assert torch.equal(gsnr_scale(torch.full((3,), float("nan"))), torch.ones(3))
     with pytest.raises(ValueError, match="gamma"):
         gsnr_scale(r, gamma=0.0)
+
+
+def test_flat_many_tensor_scaling_equals_per_tensor_definition() -> None:
+    from lightning_gradnoise.stats import gsnr_scale_many
+
+    torch.manual_seed(3)
+    k = 4
+    groups = [torch.randn(k, 3, 5, dtype=torch.float64), torch.randn(k, 7, dtype=torch.float64), torch.zeros(k, 2, dtype=torch.float64)]
+    grads = [gj.mean(0) for gj in groups]
+    sq = [gj.square().sum(0) for gj in groups]
+    flat = gsnr_scale_many(grads, sq, k, gamma=0.1)
+    for f, g, s in zip(flat, grads, sq):
+        want = gsnr_scale(gsnr(g, gsnr_variance(s, g, k)), gamma=0.1)
+        assert torch.allclose(f, want, rtol=1e-12)
+    assert torch.equal(flat[2], torch.ones(2, dtype=torch.float64))  # no noise: factor 1

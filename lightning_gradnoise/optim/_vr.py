@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_gradnoise.optim._lamb_lars import call_closure
-from lightning_gradnoise.stats import gsnr, gsnr_scale, gsnr_variance
+from lightning_gradnoise.stats import gsnr_scale_many
 
 __all__ = ["GSNRScaling", "vr_optimizer_class", "MomentSource"]
 
@@ -53,24 +53,24 @@ class GSNRScaling:
             raise ValueError(f"beta3={beta3!r} is out of range: expected 0 <= beta3 < 1, or None")
         self.gamma, self.beta3 = float(gamma), beta3
 
-    def factor(self, grad: Tensor, sq_sum: Tensor, k: int, state: dict[str, Any]) -> Tensor:
-        """The multiplier of one parameter tensor's gradient (updates ``state`` for momentum)."""
-        g = grad.to(sq_sum.dtype)
-        r = gsnr_scale(gsnr(g, gsnr_variance(sq_sum, g, k)), self.gamma)
-        if self.beta3 is None or self.gamma >= 1.0:
-            # gamma = 1 clamps every ratio to 1, and any average of ones is one: return it exactly
-            return r
-        if "gsnr_avg" not in state:
-            state["gsnr_avg"] = torch.zeros_like(r)
-            state["gsnr_step"] = 0
-        state["gsnr_avg"].lerp_(r, 1.0 - self.beta3)
-        state["gsnr_step"] += 1
-        return state["gsnr_avg"] / (1.0 - self.beta3 ** state["gsnr_step"])
-
     def apply(self, grads: Sequence[Tensor], sq_sums: Sequence[Tensor], k: int, state: Sequence[dict]) -> None:
-        """Scale ``grads`` in place, one parameter tensor (one layer) at a time."""
-        for g, s, st in zip(grads, sq_sums, state):
-            g.mul_(self.factor(g, s, k, st).to(g.dtype))
+        """Scale ``grads`` in place (each tensor is one layer for the normalization)."""
+        if k < 2:
+            raise ValueError(f"k={k!r}: GSNR needs at least 2 groups (devices x accumulation micro-batches)")
+        grads, sq_sums = list(grads), list(sq_sums)
+        if not grads:
+            return
+        factors = gsnr_scale_many(grads, sq_sums, k, self.gamma)
+        if self.beta3 is not None and self.gamma < 1.0:  # gamma = 1: every factor is exactly 1
+            for st, r in zip(state, factors):
+                if "gsnr_avg" not in st:
+                    st["gsnr_avg"] = torch.zeros_like(r)
+                    st["gsnr_step"] = 0
+                st["gsnr_step"] += 1
+            avgs = [st["gsnr_avg"] for st in state]
+            torch._foreach_lerp_(avgs, factors, 1.0 - self.beta3)
+            factors = torch._foreach_div(avgs, [1.0 - self.beta3 ** st["gsnr_step"] for st in state])
+        torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors, grads)])
 
 
 _NO_SOURCE = (
@@ -135,13 +135,14 @@ def vr_optimizer_class(base: type[Optimizer], name: str, beta3_default: Optional
                 raise ValueError(f"got moments for {len(sq_sums)} tensors, the optimizer has {len(params)}")
             index = 0
             for group in self.param_groups:
-                scaling = GSNRScaling(group["gamma"], group["beta3"])
+                todo: list[tuple[Tensor, Tensor, dict]] = []
                 for p in group["params"]:
                     i, index = index, index + 1
-                    if p.grad is None:
-                        continue
-                    st = self.gsnr_state.setdefault(i, {})
-                    p.grad.mul_(scaling.factor(p.grad, sq_sums[i], k, st).to(p.grad.dtype))
+                    if p.grad is not None:
+                        todo.append((p.grad, sq_sums[i], self.gsnr_state.setdefault(i, {})))
+                if todo:
+                    grads, sums, states = zip(*todo)
+                    GSNRScaling(group["gamma"], group["beta3"]).apply(grads, sums, k, states)
             super().step()
             return loss
 

@@ -6,7 +6,7 @@ running trackers (bias-corrected EMAs) with ``state_dict`` / ``load_state_dict``
 """
 
 from lightning_gradnoise.stats._ema import BiasCorrectedEMA
-from lightning_gradnoise.stats._gsnr import gsnr, gsnr_layer_stats, gsnr_scale, gsnr_variance
+from lightning_gradnoise.stats._gsnr import gsnr, gsnr_layer_stats, gsnr_scale, gsnr_scale_many, gsnr_variance
 from lightning_gradnoise.stats._noise_scale import (
     GradientNoiseScale,
     NoiseScaleStats,
@@ -46,6 +46,7 @@ __all__ = [
     "gsnr",
     "gsnr_layer_stats",
     "gsnr_scale",
+    "gsnr_scale_many",
     "gsnr_variance",
     "mu_from_gr_s_groups",
     "noise_scale_compute",
