@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from lightning_gradnoise.capture import GradNoiseTracker, parse_statistics
+from lightning_gradnoise.capture import GradNoiseTracker, needs_groups, parse_statistics
 from lightning_gradnoise.callbacks._compat import CallbackBase, extract_batch_size, namespace_of
 from lightning_gradnoise.callbacks._logging import log_histograms, log_scalars
 
@@ -110,7 +110,7 @@ class GradNoiseMonitor(CallbackBase):
                 "(unsharded) gradients on every device. Use strategy='gnddp' (or 'ddp') or a single device."
             )
         k = trainer.world_size * trainer.accumulate_grad_batches
-        if self.statistics & {"b_simple", "gsnr"} and k < 2:
+        if needs_groups(self.statistics) and k < 2:
             raise MisconfigurationError(
                 f"GradNoiseMonitor({sorted(self.statistics)}) needs at least 2 gradient groups per step, "
                 f"and this Trainer has {trainer.world_size} device(s) x accumulate_grad_batches="
@@ -138,6 +138,7 @@ class GradNoiseMonitor(CallbackBase):
             self._pending_state = None
         if self._comm is not None:
             self._comm.bind(self.tracker.collector)
+        self._accumulate = trainer.accumulate_grad_batches
 
     def capture_mode(self, trainer: Any) -> str:
         """How the collector sees each group's gradient on this Trainer (see GradientMomentCollector).
@@ -182,15 +183,16 @@ class GradNoiseMonitor(CallbackBase):
                     self.tracker.collector.set_mode(mode)
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-            self._step_scale = self.group_scale(trainer.accumulate_grad_batches, loss_scale, 1)
+            self._step_scale = self.group_scale(trainer.accumulate_grad_batches, loss_scale)
 
-    def group_scale(self, accumulate: int, loss_scale: float, micro_size: int) -> float:
-        """The factor from a micro-batch's raw gradient to its mean gradient.
+    @staticmethod
+    def group_scale(accumulate: int, loss_scale: float) -> float:
+        """The factor from a micro-batch's raw gradient to its mean gradient (for a mean-reduced
+        loss; :meth:`on_before_backward` divides a summed one by the micro-batch size too).
 
         Lightning divides the loss by ``accumulate_grad_batches`` and AMP multiplies it by the loss
-        scale; a summed loss is ``micro_size`` times the mean one."""
-        scale = accumulate / loss_scale
-        return scale / micro_size if self.loss_reduction == "sum" else scale
+        scale."""
+        return accumulate / loss_scale
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         assert self.tracker is not None

@@ -2,7 +2,7 @@
 
 from lightning_gradnoise.capture._collector import GradientMomentCollector
 from lightning_gradnoise.capture._comm import GradNoiseCommState, ReducedMoments, gradnoise_comm_hook
-from lightning_gradnoise.capture._tracker import STATISTICS, GradNoiseTracker, parse_statistics
+from lightning_gradnoise.capture._tracker import STATISTICS, GradNoiseTracker, needs_groups, parse_statistics
 
 __all__ = [
     "STATISTICS",
@@ -11,5 +11,6 @@ __all__ = [
     "GradientMomentCollector",
     "ReducedMoments",
     "gradnoise_comm_hook",
+    "needs_groups",
     "parse_statistics",
 ]

@@ -8,10 +8,17 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradientMomentCollector"]
+__all__ = ["GradientMomentCollector", "size_sums"]
 
 MODES = ("hooks", "swap", "external")
 NamedParams = Union[nn.Module, Iterable[tuple[str, nn.Parameter]]]
+
+
+def size_sums(sizes: list[int | None]) -> tuple[float, float]:
+    """:math:`\\sum_j 1/b_j` and :math:`\\sum_j b_j` of group sizes (NaN if one is unknown)."""
+    if not sizes or not all(sizes):
+        return float("nan"), float("nan")
+    return sum(1.0 / b for b in sizes), float(sum(sizes))
 
 
 class GradientMomentCollector:
@@ -125,6 +132,11 @@ class GradientMomentCollector:
         """Take the open group's gradients of the tensors ``indices`` (``mode="external"``)."""
         if self._scale is None or not indices:
             return
+        self._take(indices, grads)
+
+    def _take(self, indices: list[int], grads: list[Tensor]) -> None:
+        """The open group's norms of tensors ``indices`` (one multi-tensor kernel) and, if asked,
+        their scaled squares into the elementwise buffers."""
         for i, norm in zip(indices, torch._foreach_norm(grads)):
             self._current[i] = norm
         if self.elementwise:
@@ -175,45 +187,22 @@ class GradientMomentCollector:
         assert saved is not None
         params = self.params
         fresh = [p.grad for p in params]
-        scale2 = self._scale * self._scale
         # (`None in list_of_tensors` would call Tensor.__eq__: test identity only)
-        if all(g is not None for g in fresh) and all(g is None for g in saved):  # a step's first group
-            self._current = list(torch._foreach_norm(fresh))
-            if self.elementwise:
-                bufs = [self._sq_buffer(i, g) for i, g in enumerate(fresh)]
-                torch._foreach_addcmul_(bufs, fresh, fresh, value=scale2)
-            return
-        if all(g is not None for g in fresh) and all(g is not None for g in saved):  # the usual case
-            self._current = list(torch._foreach_norm(fresh))
-            if self.elementwise:
-                bufs = [self._sq_buffer(i, g) for i, g in enumerate(fresh)]
-                torch._foreach_addcmul_(bufs, fresh, fresh, value=scale2)
-            torch._foreach_add_(saved, fresh)  # .grad = old + new in the old tensor, as autograd does
-            for p, old in zip(params, saved):
-                p.grad = old
-            return
         idx = [i for i, g in enumerate(fresh) if g is not None]
         if idx:
-            got = [fresh[i] for i in idx]
-            for i, norm in zip(idx, torch._foreach_norm(got)):
-                self._current[i] = norm
-            if self.elementwise:
-                torch._foreach_addcmul_([self._sq_buffer(i, fresh[i]) for i in idx], got, got, value=scale2)
+            self._take(idx, [fresh[i] for i in idx])
         back = [i for i in idx if saved[i] is not None]
-        if back:
+        if back:  # .grad = old + new, in place in the old tensor, as autograd does
             torch._foreach_add_([saved[i] for i in back], [fresh[i] for i in back])
         for p, old in zip(params, saved):
             if old is not None:
                 p.grad = old
 
-    def _restore_swapped(self) -> None:
-        if self._saved is not None:
-            self._end_swapped_group()
-
     def cancel_group(self) -> None:
         """Drop an open group (e.g. a backward that was skipped); gradients are kept."""
         if self._scale is not None:
-            self._restore_swapped()
+            if self._saved is not None:
+                self._end_swapped_group()
             self._group_sizes.pop()
             self._current = [None] * len(self.params)
             self._scale = None
@@ -225,8 +214,6 @@ class GradientMomentCollector:
         self._norms = []
         self._scales = []
         self._group_sizes = []
-        self._current = [None] * len(self.params)
-        self._scale = None
         # zeroed when the next group begins, not now: a VR optimizer may still read this step's
         # moments (handed over by reference) after the step's statistics are done
         self._stale = True
@@ -252,23 +239,6 @@ class GradientMomentCollector:
         return buf
 
     # -- results ------------------------------------------------------------------------------
-    @property
-    def open_scale(self) -> float:
-        """The scale of the open group (``begin_group``'s argument)."""
-        if self._scale is None:
-            raise RuntimeError("no group is open")
-        return self._scale
-
-    @property
-    def open_size(self) -> int | None:
-        """The size of the open group."""
-        return self._group_sizes[-1] if self._scale is not None else None
-
-    def current_norm(self, index: int) -> Tensor:
-        """The open group's raw gradient norm of tensor ``index`` (zero if it got no gradient)."""
-        t = self._current[index]
-        return self._zero if t is None else t
-
     @property
     def group_open(self) -> bool:
         """Whether :meth:`begin_group` was called and :meth:`end_group` not yet."""
@@ -315,11 +285,7 @@ class GradientMomentCollector:
             scales.append(self._scale)
         else:
             sizes = sizes[: len(scales)]
-        sums = self._squared(norms, scales).sum(0)
-        known = bool(sizes) and all(sizes)
-        inv = sum(1.0 / s for s in sizes) if known else float("nan")
-        total = float(sum(sizes)) if known else float("nan")
-        return sums, len(scales), inv, total
+        return (self._squared(norms, scales).sum(0), len(scales), *size_sums(sizes))
 
     def elementwise_sq_sum(self) -> list[Tensor]:
         r""":math:`\sum_j g_j^2` per parameter tensor (zeros for a tensor that got no gradient)."""

@@ -89,16 +89,7 @@ def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket) -> tuple[
     known = [i for i in idx if i >= 0]
     if col.mode == "external":  # the bucket holds this process's group gradient: read it here
         grads = bucket.gradients()
-        mine = [g for i, g in zip(idx, grads) if i >= 0]
-        col.record(known, mine)
-        if col.num_groups == 0 and mine:  # the one group is the open one: its sums are the norms
-            scale = col.open_scale
-            head = torch.stack([col.current_norm(i) for i in known]).square_().mul_(scale * scale)
-            if bucket.is_last():
-                size = col.open_size
-                counts = [1.0, 1.0 / size, float(size)] if size else [1.0, float("nan"), float("nan")]
-                head = torch.cat([head, head.new_tensor(counts)])
-            return known, head, _elementwise(col, known)
+        col.record(known, [g for i, g in zip(idx, grads) if i >= 0])
     sums, k, inv, total = col.local_sums()
     head = sums[known]
     if bucket.is_last():

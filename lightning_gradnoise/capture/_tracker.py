@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gradnoise.capture._collector import GradientMomentCollector, NamedParams
+from lightning_gradnoise.capture._collector import GradientMomentCollector, NamedParams, size_sums
 from lightning_gradnoise.capture._comm import ReducedMoments
 from lightning_gradnoise.stats import (
     GradientNoiseScale,
@@ -20,10 +20,15 @@ from lightning_gradnoise.stats import (
     noise_scale_from_moments,
 )
 
-__all__ = ["STATISTICS", "GradNoiseTracker", "parse_statistics"]
+__all__ = ["STATISTICS", "GradNoiseTracker", "needs_groups", "parse_statistics"]
 
 STATISTICS = ("b_simple", "gr_s", "gr_t", "gsnr")
 """What can be measured; ``gr_s`` implies ``b_simple`` (it is computed from it)."""
+
+
+def needs_groups(statistics: Iterable[str]) -> bool:
+    """Whether a selection needs at least two gradient groups per step (all but ``gr_t`` do)."""
+    return bool(set(statistics) & {"b_simple", "gr_s", "gsnr"})
 
 
 def parse_statistics(statistics: str | Iterable[str]) -> frozenset[str]:
@@ -95,11 +100,6 @@ class GradNoiseTracker:
     def names(self) -> list[str]:
         return self.collector.names
 
-    @property
-    def needs_groups(self) -> bool:
-        """Whether the selection needs at least two groups per step (all but ``gr_t`` do)."""
-        return bool(self.statistics & {"b_simple", "gsnr"})
-
     def attach(self) -> "GradNoiseTracker":
         self.collector.attach()
         return self
@@ -159,10 +159,8 @@ class GradNoiseTracker:
             sums, k = reduced.sq_norm_sums, reduced.num_groups
             inv_size_sum, batch = reduced.inv_size_sum, reduced.size_sum
         elif world == 1 and (root := col.root_sums()) is not None:
-            k, sizes = col.num_groups, col.group_sizes
-            known = all(sizes)
-            inv_size_sum = sum(1.0 / b for b in sizes) if known else float("nan")
-            batch = float(sum(sizes)) if known else float("nan")
+            k = col.num_groups
+            inv_size_sum, batch = size_sums(col.group_sizes)
         else:
             sums, k, inv_size_sum, batch = col.local_sums()
             if world > 1:

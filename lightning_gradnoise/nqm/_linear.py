@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_gradnoise.stats import divided_power
 
-__all__ = ["SecondMoment", "second_moment"]
+__all__ = ["SecondMoment"]
 
 
 def _lyapunov(a11: Tensor, a12: Tensor, a21: Tensor, a22: Tensor, q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,8 +93,3 @@ class SecondMoment:
         e12 = p11 * (p21 * d11 + p22 * d12) + p12 * (p21 * d12 + p22 * d22)
         e22 = p21 * (p21 * d11 + p22 * d12) + p22 * (p21 * d12 + p22 * d22)
         return e11 + s11, e12 + s12, e22 + s22
-
-
-def second_moment(A, b, noise_var, s0, t) -> tuple[Tensor, Tensor, Tensor]:
-    """``(S11, S12, S22)`` at step ``t`` (all arguments broadcast; float64 recommended)."""
-    return SecondMoment(A, b, noise_var, s0).at(t)

@@ -11,7 +11,7 @@ Per dimension :math:`i`: loss :math:`\tfrac12 h_i \theta_i^2`, stochastic gradie
 
 which is MATH.md's risk formula with :math:`h \to h^{1-p}`, :math:`c \to c\,h^{-p}`. Heavy-ball
 momentum and an iterate EMA are exact two-state linear recurrences (not Theorem 1's or 2's bounds),
-solved in closed form by :func:`~lightning_gradnoise.nqm._linear.second_moment`. Everything is
+solved in closed form by :class:`~lightning_gradnoise.nqm._linear.SecondMoment`. Everything is
 vectorized: learning rates, batch sizes and steps broadcast against each other.
 """
 
@@ -149,10 +149,8 @@ class NQM:
 
         def linear(steps: Tensor) -> Tensor:
             t = _t(steps)
-            if math.isinf(float(t.max())) if t.numel() else False:
-                m2 = torch.where(torch.isinf(t)[..., None], system.s_inf[pick], system.at(torch.where(torch.isinf(t), 0.0, t)[..., None])[pick])
-            else:
-                m2 = system.at(t[..., None])[pick]
+            inf = torch.isinf(t)  # steps = inf is the steady state
+            m2 = torch.where(inf[..., None], system.s_inf[pick], system.at(torch.where(inf, 0.0, t)[..., None])[pick])
             total = (scale * m2).sum(-1)
             return torch.where(stable, total, torch.full_like(total, math.inf))
 
