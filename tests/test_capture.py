@@ -111,3 +111,61 @@ def test_tracker_without_lightning_matches_direct_formula() -> None:
     assert out["trace_cov"] == pytest.approx(tr, rel=1e-5)
     assert out["grad_sq"] == pytest.approx(g2, rel=1e-5)
     assert out["batch_size"] == 21
+
+
+@pytest.mark.parametrize("start", ["none", "zeros", "partial"])
+def test_swap_mode_equals_hooks_and_leaves_grad_bit_identical(start: str) -> None:
+    """Swap capture (set .grad aside, read it, add it back) against per-tensor hooks and against
+    no capture at all, with an unused head, grads that start as None, zeros or a mix, and a
+    group in which one more tensor gets no gradient."""
+    torch.manual_seed(3)
+    batches = [torch.randn(5, 3) for _ in range(4)]
+    results = {}
+    for mode in ("none", "hooks", "swap"):
+        model = TwoHeads()
+        model.load_state_dict(_seeded_state())
+        if start == "zeros":
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+        elif start == "partial":
+            model.body.weight.grad = torch.ones_like(model.body.weight)
+        col = None if mode == "none" else GradientMomentCollector(model, elementwise=True, mode=mode).attach()
+        for j, xb in enumerate(batches):
+            if col is not None:
+                col.begin_group(scale=2.0, size=5)
+            out = model(xb) if j != 2 else model.body(xb).sum(1, keepdim=True)  # group 2: only `body`
+            (out.square().mean() / 4).backward()
+            if col is not None:
+                col.end_group()
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        stats = None if col is None else (col.group_sq_norms(), [t.clone() for t in col.elementwise_sq_sum()])
+        results[mode] = (grads, stats)
+    for mode in ("hooks", "swap"):
+        for a, b in zip(results["none"][0], results[mode][0]):
+            assert (a is None and b is None) or torch.equal(a, b)
+    sq_h, el_h = results["hooks"][1]
+    sq_s, el_s = results["swap"][1]
+    assert torch.allclose(sq_h, sq_s, rtol=1e-6, atol=0)
+    assert bool((sq_s[2, 2:] == 0).all()) and bool((sq_s[:, 4:] == 0).all())
+    for a, b in zip(el_h, el_s):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+
+
+def _seeded_state() -> dict:
+    torch.manual_seed(11)
+    return TwoHeads().state_dict()
+
+
+def test_cancelled_swap_group_keeps_gradients_and_drops_its_norms() -> None:
+    torch.manual_seed(4)
+    model = nn.Linear(3, 2)
+    col = GradientMomentCollector(model, mode="swap").attach()
+    col.begin_group(size=4)
+    model(torch.randn(4, 3)).sum().backward()
+    col.end_group()
+    first = col.group_sq_norms().clone()
+    col.begin_group(size=4)
+    model(torch.randn(4, 3)).sum().backward()
+    col.cancel_group()
+    assert col.num_groups == 1 and torch.equal(col.group_sq_norms(), first)
+    assert col.raw_norms() is not None and len(col.raw_norms()[0]) == 2

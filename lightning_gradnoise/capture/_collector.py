@@ -140,8 +140,11 @@ class GradientMomentCollector:
         for i, norm in zip(indices, torch._foreach_norm(grads)):
             self._current[i] = norm
         if self.elementwise:
-            bufs = [self._sq_buffer(i, g) for i, g in zip(indices, grads)]
-            torch._foreach_addcmul_(bufs, grads, grads, value=self._scale * self._scale)
+            self._square_into(indices, grads)
+
+    def _square_into(self, indices: Iterable[int], grads: list[Tensor]) -> None:
+        bufs = [self._sq_buffer(i, g) for i, g in zip(indices, grads)]
+        torch._foreach_addcmul_(bufs, grads, grads, value=self._scale * self._scale)
 
     def set_elementwise(self, enabled: bool) -> None:
         """Start or stop keeping elementwise moments (takes effect from the next group)."""
@@ -174,25 +177,47 @@ class GradientMomentCollector:
         A tensor that got no gradient in the group (unused) counts as zero."""
         if self._scale is None:
             raise RuntimeError("end_group() called without begin_group()")
-        if self._saved is not None:
-            self._end_swapped_group()
+        if self._saved is not None and self._end_swapped_group():
+            self._scales.append(self._scale)
+            self._scale = None
+            return
         zero = self._zero
         self._norms.extend(zero if t is None else t for t in self._current)
         self._scales.append(self._scale)
         self._current = [None] * len(self.params)
         self._scale = None
 
-    def _end_swapped_group(self) -> None:
+    def _end_swapped_group(self) -> bool:
+        """Take the group's gradients from ``.grad`` and put the set-aside ones back with the new
+        ones added. Returns whether the norms went straight into the closed groups (every tensor
+        got a gradient: the common case, with the least Python per micro-batch)."""
         saved, self._saved = self._saved, None
         assert saved is not None
         params = self.params
         fresh = [p.grad for p in params]
         # (`None in list_of_tensors` would call Tensor.__eq__: test identity only)
+        if not any(g is None for g in fresh):
+            norms = torch._foreach_norm(fresh)
+            if self.elementwise:
+                self._square_into(range(len(params)), fresh)
+            if not any(g is None for g in saved):  # .grad = old + new, in place in old, as autograd does
+                torch._foreach_add_(saved, fresh)
+                for p, old in zip(params, saved):
+                    p.grad = old
+            elif any(g is not None for g in saved):
+                self._add_back(saved, fresh)
+            self._norms.extend(norms)
+            return True
         idx = [i for i, g in enumerate(fresh) if g is not None]
         if idx:
             self._take(idx, [fresh[i] for i in idx])
-        back = [i for i in idx if saved[i] is not None]
-        if back:  # .grad = old + new, in place in the old tensor, as autograd does
+        self._add_back(saved, fresh)
+        return False
+
+    def _add_back(self, saved: list[Tensor | None], fresh: list[Tensor | None]) -> None:
+        params = self.params
+        back = [i for i, (old, new) in enumerate(zip(saved, fresh)) if old is not None and new is not None]
+        if back:
             torch._foreach_add_([saved[i] for i in back], [fresh[i] for i in back])
         for p, old in zip(params, saved):
             if old is not None:
@@ -201,8 +226,8 @@ class GradientMomentCollector:
     def cancel_group(self) -> None:
         """Drop an open group (e.g. a backward that was skipped); gradients are kept."""
         if self._scale is not None:
-            if self._saved is not None:
-                self._end_swapped_group()
+            if self._saved is not None and self._end_swapped_group():
+                del self._norms[len(self._norms) - len(self.params) :]
             self._group_sizes.pop()
             self._current = [None] * len(self.params)
             self._scale = None
@@ -264,15 +289,14 @@ class GradientMomentCollector:
         factor = torch.tensor(scales, dtype=torch.float64, device=rows.device).square_()
         return rows.mul_(factor[:, None])
 
-    def root_sums(self) -> tuple[Tensor, float] | None:
-        r"""The cheap form of :meth:`local_sums` for closed groups that share one scale ``s``:
-        ``(r, s**2)`` with :math:`r_i = \sqrt{\sum_j |\text{raw}_{ij}|^2}` (two kernels);
-        :math:`\sum_j |g_j|^2 = s^2 r^2`. ``None`` if there is no group or the scales differ."""
-        scales = self._scales
-        if not scales or self._scale is not None or any(x != scales[0] for x in scales):
+    def raw_norms(self) -> tuple[list[Tensor], list[float]] | None:
+        r"""The closed groups as captured, the cheapest form of :meth:`group_sq_norms`: their raw
+        per-tensor norms, flat and group-major (``groups x tensors`` 0-d tensors, not copied), and
+        their scales :math:`s_j`; :math:`|g_{ij}|^2 = s_j^2\,\text{raw}_{ij}^2`. ``None`` while a
+        group is open."""
+        if self._scale is not None:
             return None
-        rows = torch.stack(self._norms).view(len(scales), len(self.params))
-        return torch.linalg.vector_norm(rows, dim=0), scales[0] * scales[0]
+        return self._norms, self._scales
 
     def local_sums(self) -> tuple[Tensor, int, float, float]:
         r"""This process's :math:`\sum_j |g_j|^2` per tensor (float64, the open group included),

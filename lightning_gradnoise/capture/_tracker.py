@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,18 @@ __all__ = ["STATISTICS", "GradNoiseTracker", "needs_groups", "parse_statistics"]
 
 STATISTICS = ("b_simple", "gr_s", "gr_t", "gsnr")
 """What can be measured; ``gr_s`` implies ``b_simple`` (it is computed from it)."""
+
+
+class _Pending(NamedTuple):
+    """One step not yet folded into the EMAs: per-tensor norms as captured (``row``: each row of
+    groups, then the step's gradient; each group row weighted by ``scales``), the number of groups
+    ``k`` and the weights ``a``, ``c`` of :func:`noise_scale_from_moments`."""
+
+    row: Tensor
+    k: int
+    a: float
+    c: float
+    scales: tuple[float, ...]
 
 
 def needs_groups(statistics: Iterable[str]) -> bool:
@@ -90,7 +102,7 @@ class GradNoiseTracker:
         self.steps = 0
         self.histograms: dict[str, Tensor] = {}
         self.max_pending = 256
-        self._pending: list[Tensor] = []
+        self._pending: list[_Pending] = []
         self.last_elementwise: tuple[list[Tensor], int] | None = None
         """The last summarized step's global elementwise moments and group count (GSNR)."""
         self.last_collective_bytes = 0
@@ -153,12 +165,12 @@ class GradNoiseTracker:
         world = 1
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size(process_group)
-        root = None
+        raw = None
         self.last_collective_bytes = 0
         if reduced is not None:
             sums, k = reduced.sq_norm_sums, reduced.num_groups
             inv_size_sum, batch = reduced.inv_size_sum, reduced.size_sum
-        elif world == 1 and (root := col.root_sums()) is not None:
+        elif world == 1 and (raw := col.raw_norms()) is not None:
             k = col.num_groups
             inv_size_sum, batch = size_sums(col.group_sizes)
         else:
@@ -175,20 +187,21 @@ class GradNoiseTracker:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in col.params]
         if factor != 1.0:
             grads = torch._foreach_mul(grads, factor)
-        big = torch.stack(torch._foreach_norm(grads))
-        if root is None:
-            root, scale2 = sums.sqrt(), 1.0
-        else:
-            root, scale2 = root
-        # Kept as norms and folded into the EMAs later, many steps at once: a few kernels and no
-        # device sync per step. a and c weigh tr(Sigma) in E[S_small] and E[S_big] (NaN: none).
+        big = torch._foreach_norm(grads)
+        # Kept as captured (one stack: the groups' raw norms, then the step's) and folded into
+        # the EMAs later, many steps at once: no device sync and no float64 work per step.
+        # a and c weigh tr(Sigma) in E[S_small] and E[S_big] (NaN: none).
         a = inv_size_sum / k if k >= 2 else float("nan")
         c = 1.0 / batch if loss_reduction == "sum" else inv_size_sum / max(k, 1) ** 2
-        meta = torch.tensor([k, a, c, scale2], dtype=torch.float64)
-        self._pending.append(torch.cat([root.to(torch.float64), big.to(torch.float64), meta.to(big.device)]))
+        if raw is not None:
+            norms, scales = raw
+            row = torch.stack(norms + list(big))
+        else:
+            row, scales = torch.cat([sums.sqrt(), torch.stack(big).to(sums.dtype)]), [1.0]
+        self._pending.append(_Pending(row, k, a, c, tuple(scales)))
         finite = None
         if "gr_t" in self.statistics or summarize:
-            finite = bool(torch.isfinite(self._pending[-1][: 2 * len(grads)]).all())  # a sync
+            finite = bool(torch.isfinite(row).all())  # a sync
         if "gr_t" in self.statistics and finite:
             self.temporal.update(grads, checked=True)
         if len(self._pending) >= self.max_pending:
@@ -215,13 +228,23 @@ class GradNoiseTracker:
         """Count the pending steps, turn them into unbiased estimates, fold those into the EMAs."""
         if not self._pending:
             return
-        rows = torch.stack(self._pending)
-        self._pending = []
+        pending, self._pending = self._pending, []
         n = len(self.names)
-        k, a, c, scale2 = rows[:, 2 * n :].unbind(1)
-        finite = torch.isfinite(rows[:, : 2 * n]).all(1)
-        sums = rows[:, :n].square() * scale2[:, None]
-        big = rows[:, n : 2 * n].square()
+        device = pending[0].row.device
+        sums = torch.empty(len(pending), n, dtype=torch.float64, device=device)
+        big = torch.empty_like(sums)
+        # steps whose rows have the same shape (the same number of captured groups) in one pass
+        by_shape: dict[int, list[int]] = {}
+        for i, entry in enumerate(pending):
+            by_shape.setdefault(entry.row.numel(), []).append(i)
+        for numel, idx in by_shape.items():
+            rows = torch.stack([pending[i].row.to(device) for i in idx]).to(torch.float64).view(len(idx), -1, n).square_()
+            scales = torch.tensor([pending[i].scales for i in idx], dtype=torch.float64, device=device).square_()
+            at = torch.tensor(idx, device=device)
+            sums[at] = (rows[:, :-1] * scales[:, :, None]).sum(1)
+            big[at] = rows[:, -1]
+        k, a, c = torch.tensor([(e.k, e.a, e.c) for e in pending], dtype=torch.float64, device=device).unbind(1)
+        finite = torch.isfinite(sums).all(1) & torch.isfinite(big).all(1)
         self.skipped_steps += int((~finite).sum())
         self.steps += int(finite.sum())
         if "b_simple" in self.statistics:
@@ -265,7 +288,7 @@ class GradNoiseTracker:
         # Pending steps are saved as they are (not folded) so that a resumed run folds at the
         # same steps as an uninterrupted one and logs bit-identical values.
         return {
-            "pending": [t.cpu().clone() for t in self._pending],
+            "pending": [e._replace(row=e.row.cpu().clone())._asdict() for e in self._pending],
             "names": list(self.names),
             "noise_scale": self.noise_scale.state_dict(),
             "temporal": self.temporal.state_dict(),
@@ -280,5 +303,5 @@ class GradNoiseTracker:
         self.temporal.load_state_dict(state["temporal"], device=self.collector.params[0].device)
         self.skipped_steps = int(state["skipped_steps"])
         device = self.collector.params[0].device
-        self._pending = [t.to(device) for t in state.get("pending", [])]
+        self._pending = [_Pending(**{**e, "row": e["row"].to(device)}) for e in state.get("pending", [])]
         self.steps = int(state["steps"])
