@@ -1,18 +1,21 @@
 """Auto-tuning against a grid of fixed settings: steps and examples to a target training loss.
 
-    python benchmarks/autotune_digits.py [--target 0.15] [--max-steps 3000] [--plot autotune.png]
+    python benchmarks/autotune_digits.py [--target 0.15] [--seeds 3] [--max-steps 3000] [--plot autotune.png]
 
 The digits MLP of examples/digits_monitor.py (SGD, momentum 0.9) on scikit-learn's digits. The
 grid: 4 global batch sizes x 4 learning rates, fixed. The controller (GradNoiseMonitor +
 BatchSizeAdapter + LRAdapter) starts from three poor settings: batch 8x too small, batch 8x too
 large, learning rate 10x too small (against batch 64, lr 0.1). Each run stops when the loss on
-the whole training set reaches the target; it counts optimizer steps and examples.
+the whole training set reaches the target; it counts optimizer steps and examples. Every run is
+repeated with ``--seeds`` seeds (initialization and data order) and reported as the median, since
+one seed of a run this short moves by tens of percent.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import warnings
 
@@ -47,13 +50,15 @@ class StopAtTarget(L.Callback):
             trainer.should_stop = True
 
 
-def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt: bool, data) -> dict:
-    L.seed_everything(0, verbose=False)
-    x, y, train = data(micro)
+def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt: dict | None, data, seed: int) -> dict:
+    L.seed_everything(seed, verbose=False)
+    x, y, train = data(micro, seed)
     stop = StopAtTarget(x, y, target)
     callbacks = [stop]
-    if adapt:
-        callbacks += [GradNoiseMonitor(statistics="all", log_every_n_steps=5), BatchSizeAdapter(cooldown=10, max_batch=1024), LRAdapter(cooldown=10)]
+    if adapt is not None:
+        callbacks += [GradNoiseMonitor(statistics="all", log_every_n_steps=5),
+                      BatchSizeAdapter(cooldown=10, max_batch=1024, max_factor=adapt["max_factor"]),
+                      LRAdapter(cooldown=10, step_factor=adapt["step_factor"], gain=adapt["gain"])]
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=10_000, accumulate_grad_batches=batch // micro,
         callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -65,29 +70,45 @@ def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt:
             "examples": stop.examples if stop.reached else float("inf"), "final_batch": final_batch}
 
 
+def median_run(seeds: int, *args) -> dict:
+    """The run repeated over seeds: median steps, examples and final batch."""
+    runs = [run(*args, seed) for seed in range(seeds)]
+    out = dict(runs[0])
+    for key in ("steps", "examples", "final_batch"):
+        out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, default=0.15)
     parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--max-factor", type=int, default=8, help="BatchSizeAdapter max_factor")
+    parser.add_argument("--lr-step-factor", type=float, default=2.0, help="LRAdapter step_factor")
+    parser.add_argument("--lr-gain", type=float, default=0.5, help="LRAdapter gain")
     parser.add_argument("--plot")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
 
-    def data(micro):
-        train, _ = digits_loaders(micro)
+    def data(micro, seed):
+        train, _ = digits_loaders(micro, seed=seed)
         ds = train.dataset
         return ds.tensors[0], ds.tensors[1], train
 
-    grid = [run(b, lr, min(b, 64), args.target, args.max_steps, False, data) for b in (16, 64, 256, 1024) for lr in (0.01, 0.03, 0.1, 0.3)]
+    adapt = {"max_factor": args.max_factor, "step_factor": args.lr_step_factor, "gain": args.lr_gain}
+    grid = [median_run(args.seeds, b, lr, min(b, 64), args.target, args.max_steps, None, data)
+            for b in (16, 64, 256, 1024) for lr in (0.01, 0.03, 0.1, 0.3)]
     starts = {"batch 8x too small (8, lr 0.1)": (8, 0.1, 4), "batch 8x too large (512, lr 0.1)": (512, 0.1, 64), "lr 10x too small (64, lr 0.01)": (64, 0.01, 16)}
-    adaptive = {name: run(b, lr, micro, args.target, args.max_steps, True, data) for name, (b, lr, micro) in starts.items()}
-    print(f"\ndigits MLP, SGD momentum 0.9, steps and examples to training loss {args.target} (inf: not within {args.max_steps} steps)")
+    adaptive = {name: median_run(args.seeds, b, lr, micro, args.target, args.max_steps, adapt, data) for name, (b, lr, micro) in starts.items()}
+    print(f"\ndigits MLP, SGD momentum 0.9, steps and examples to training loss {args.target} (inf: not within {args.max_steps} steps), "
+          f"median of {args.seeds} seeds; adapters: {adapt}")
     print(f"{'run':<36} {'steps':>7} {'examples':>9}")
     for r in grid:
-        print(f"{'fixed batch %d, lr %g' % (r['batch'], r['lr']):<36} {r['steps']:>7} {r['examples']:>9}")
+        print(f"{'fixed batch %d, lr %g' % (r['batch'], r['lr']):<36} {r['steps']:>7g} {r['examples']:>9g}")
     for name, r in adaptive.items():
-        print(f"{'controller from ' + name:<36} {r['steps']:>7} {r['examples']:>9}  (ends at batch {r['final_batch']})")
+        print(f"{'controller from ' + name:<36} {r['steps']:>7g} {r['examples']:>9g}  (ends at batch {r['final_batch']:g})")
     for name, r in adaptive.items():
         better = [g for g in grid if g["steps"] < r["steps"] and g["examples"] < r["examples"]]
         print(f"grid points with both fewer steps and fewer examples than the controller from {name}: {len(better)}"

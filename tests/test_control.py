@@ -37,6 +37,36 @@ def test_lr_rule_moves_the_right_way() -> None:
     assert c.decide(22.0, 1.0, step=40).changed is False  # near target
 
 
+def test_batch_rule_jumps_to_the_band_that_b_simple_implies() -> None:
+    """Given B_simple the move goes to the allowed batch whose Lemma 2 GR_S is nearest the band's
+    middle, within max_factor, and always the way GR_S says."""
+    from lightning_gradnoise.stats import gr_s
+
+    c = BatchSizeController(unit=16, min_batch=16, max_batch=4096, cooldown=0, max_factor=8)
+    for b_simple, batch in [(600.0, 64), (100.0, 512), (300.0, 32), (40.0, 256)]:
+        now = float(gr_s(b_simple, batch))
+        d = c.decide(now, batch, step=1, b_simple=b_simple)
+        assert d.changed and (d.value > batch) == (now > 0.65)
+        assert 0.5 <= float(gr_s(b_simple, d.value)) <= 0.65, (b_simple, batch, d.value)
+    # far from the band: no more than max_factor per decision
+    assert c.decide(float(gr_s(1e5, 16)), 16, step=2, b_simple=1e5).value == 128
+    assert c.decide(float(gr_s(5.0, 4096)), 4096, step=3, b_simple=5.0).value == 512
+    # a B_simple that disagrees with GR_S (stale) still moves the way GR_S says, by one doubling
+    assert c.decide(0.9, 64, step=4, b_simple=10.0).value == 128
+    with pytest.raises(ValueError, match="max_factor"):
+        BatchSizeController(unit=16, min_batch=16, max_batch=64, max_factor=3)
+
+
+def test_lr_rule_steps_in_proportion_to_the_distance_from_target() -> None:
+    c = LRController(target=20, tolerance=1.5, step_factor=2.0, gain=0.5, cooldown=0)
+    assert c.decide(80.0, 1.0, step=1).value == pytest.approx(0.5)  # (20/80)^0.5
+    assert c.decide(40.0, 1.0, step=2).value == pytest.approx(0.5**0.5)
+    assert c.decide(2.0, 1.0, step=3).value == pytest.approx(2.0)  # (10)^0.5 capped at step_factor
+    assert c.decide(25.0, 1.0, step=4).changed is False  # within tolerance
+    with pytest.raises(ValueError, match="gain"):
+        LRController(gain=0.0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -65,7 +65,8 @@ class BatchSizeAdapter(CallbackBase):
     Args:
         min_batch, max_batch: bounds on the global batch (default: one micro-batch per device, and
             1024 micro-batches per device).
-        band, hysteresis, cooldown: see :class:`~lightning_gradnoise.control.BatchSizeController`.
+        band, hysteresis, cooldown, max_factor: see
+            :class:`~lightning_gradnoise.control.BatchSizeController`.
         lr_rule: ``"auto"``, ``"sgd"``, ``"adam"``, or ``None`` to leave the learning rate alone.
     """
 
@@ -77,11 +78,12 @@ class BatchSizeAdapter(CallbackBase):
         hysteresis: float = 0.02,
         cooldown: int = 50,
         lr_rule: Optional[str] = "auto",
+        max_factor: int = 8,
     ) -> None:
         if lr_rule not in ("auto", "sgd", "adam", None):
             raise ValueError(f"lr_rule={lr_rule!r} is invalid: expected 'auto', 'sgd', 'adam' or None")
-        BatchSizeController(unit=1, min_batch=1, max_batch=1, band=band, hysteresis=hysteresis, cooldown=cooldown)
-        self.min_batch, self.max_batch = min_batch, max_batch
+        BatchSizeController(unit=1, min_batch=1, max_batch=1, band=band, hysteresis=hysteresis, cooldown=cooldown, max_factor=max_factor)
+        self.min_batch, self.max_batch, self.max_factor = min_batch, max_batch, max_factor
         self.band, self.hysteresis, self.cooldown, self.lr_rule = tuple(band), hysteresis, cooldown, lr_rule
         self.controller: Optional[BatchSizeController] = None
         self.pending: Optional[int] = None
@@ -115,6 +117,7 @@ class BatchSizeAdapter(CallbackBase):
                 band=self.band,
                 hysteresis=self.hysteresis,
                 cooldown=self.cooldown,
+                max_factor=self.max_factor,
             )
             if self._restored:
                 self.controller.load_state_dict(self._restored["controller"])
@@ -138,7 +141,7 @@ class BatchSizeAdapter(CallbackBase):
             self._seen = latest
             controller = self._ensure_controller(trainer, self.monitor._micro_size or 1)
             batch = controller.unit * k
-            decision = controller.decide(latest["gr_s"], batch, trainer.global_step)
+            decision = controller.decide(latest["gr_s"], batch, trainer.global_step, latest.get("b_simple"))
             # every rank holds the same all-reduced values; rank 0's word settles it regardless
             new_batch, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
             if changed:
@@ -193,15 +196,16 @@ class BatchSizeAdapter(CallbackBase):
 
 class LRAdapter(CallbackBase):
     r"""Moves the learning rate toward :math:`GR_T \approx` ``target`` (GR-Gauge Theorem 1: GR_T
-    rises with the learning rate) in bounded multiplicative steps with a cooldown. Composes with
-    LR schedulers (:func:`scale_learning_rate`) and with :class:`BatchSizeAdapter`. Needs a
-    :class:`GradNoiseMonitor` measuring ``gr_t``.
+    rises with the learning rate) in bounded multiplicative steps, :math:`(\text{target}/GR_T)^\text{gain}`
+    capped at ``step_factor``, with a cooldown (:class:`~lightning_gradnoise.control.LRController`).
+    Composes with LR schedulers (:func:`scale_learning_rate`) and with :class:`BatchSizeAdapter`.
+    Needs a :class:`GradNoiseMonitor` measuring ``gr_t``.
     """
 
-    def __init__(self, target: float = 20.0, tolerance: float = 1.5, step_factor: float = 1.25, cooldown: int = 50,
-                 min_scale: float = 1e-3, max_scale: float = 1e3) -> None:
+    def __init__(self, target: float = 20.0, tolerance: float = 1.5, step_factor: float = 2.0, cooldown: int = 50,
+                 min_scale: float = 1e-3, max_scale: float = 1e3, gain: float = 0.5) -> None:
         self.controller = LRController(target=target, tolerance=tolerance, step_factor=step_factor, cooldown=cooldown,
-                                       min_scale=min_scale, max_scale=max_scale)
+                                       min_scale=min_scale, max_scale=max_scale, gain=gain)
         self.lr_scale = 1.0
         self.decisions: list[tuple[int, str]] = []
         self._seen: Any = None

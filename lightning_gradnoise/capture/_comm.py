@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gradnoise.capture._collector import GradientMomentCollector
+from lightning_gradnoise.capture._collector import GradientMomentCollector, size_sums
 
 __all__ = ["ReducedMoments", "GradNoiseCommState", "gradnoise_comm_hook"]
 
@@ -54,8 +54,8 @@ class GradNoiseCommState:
         self.inner_state = inner_state
         self.collector: GradientMomentCollector | None = None
         self._index: dict[int, int] = {}
-        self._result: ReducedMoments | None = None
-        self._fresh = False
+        self._parts: list[tuple[list[int], Tensor, Tensor | None, int]] = []
+        self._counts: tuple[int, float, float] | None = None
         self.last_packed_bytes = 0
         """Bytes this process added to the collectives of the last step taken."""
         if collector is not None:
@@ -65,35 +65,55 @@ class GradNoiseCommState:
         """Read local moments from ``collector`` (``None`` unbinds: the hook then only reduces)."""
         self.collector = collector
         self._index = {} if collector is None else {id(p): i for i, p in enumerate(collector.params)}
-        self._result = None
+        self._parts, self._counts = [], None
 
     def take(self) -> ReducedMoments | None:
-        """The moments reduced since the last call, or ``None`` if no all-reduce ran."""
-        result, self._result, self._fresh = (self._result if self._fresh else None), None, False
-        self.last_packed_bytes = result.packed_bytes if result is not None else 0
-        return result
-
-    def _new_result(self) -> ReducedMoments:
+        """The moments reduced since the last call, or ``None`` if no all-reduce carried them."""
+        parts, counts = self._parts, self._counts
+        self._parts, self._counts = [], None
         col = self.collector
-        assert col is not None
+        if col is None or counts is None:
+            self.last_packed_bytes = 0
+            return None
         n = len(col.params)
-        elem = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for p in col.params] if col.elementwise else None
-        device = col.params[0].device
-        return ReducedMoments(torch.zeros(n, dtype=torch.float64, device=device), 0, float("nan"), float("nan"), elem, 0)
+        if len(parts) == 1 and len(parts[0][0]) == n and parts[0][0] == list(range(n)):
+            sums = parts[0][1].to(torch.float64)  # one bucket holds every tensor (small models)
+        else:
+            sums = torch.zeros(n, dtype=torch.float64, device=col.params[0].device)
+            for known, head, _, _ in parts:
+                sums[known] = head.to(torch.float64)
+        elem = None
+        if col.elementwise and any(e is not None for _, _, e, _ in parts):
+            elem = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for p in col.params]
+            for known, _, flat, _ in parts:
+                if flat is not None:
+                    for i, piece in zip(known, torch.split(flat, [elem[i].numel() for i in known])):
+                        elem[i].copy_(piece.view_as(elem[i]))
+        nbytes = sum(b for *_, b in parts)
+        self.last_packed_bytes = nbytes
+        return ReducedMoments(sums, counts[0], counts[1], counts[2], elem, nbytes)
 
 
 def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket) -> tuple[list[int], Tensor, Tensor | None]:
+    """The bucket's tensors (collector indices), their :math:`\sum_j |g_j|^2` (and, in the last
+    bucket, the three counts) in the bucket's dtype, and the elementwise moments if asked."""
     col = state.collector
     assert col is not None
-    idx = [state._index.get(id(p), -1) for p in bucket.parameters()]
+    index = state._index
+    idx = [index.get(id(p), -1) for p in bucket.parameters()]
     known = [i for i in idx if i >= 0]
-    if col.mode == "external":  # the bucket holds this process's group gradient: read it here
+    dtype = bucket.buffer().dtype if bucket.buffer().dtype in (torch.float32, torch.float64) else torch.float64
+    if col.mode == "external" and col.num_groups == 0:  # the bucket holds this process's one group
         grads = bucket.gradients()
         col.record(known, [g for i, g in zip(idx, grads) if i >= 0])
-    sums, k, inv, total = col.local_sums()
-    head = sums[known]
+        head = torch.stack([col._current[i] for i in known]).to(dtype).square_().mul_(col._scale**2) if known else None
+        k, inv, total = 1, *size_sums(col._group_sizes[-1:])
+    else:
+        sums, k, inv, total = col.local_sums()
+        head = sums[known].to(dtype)
     if bucket.is_last():
-        head = torch.cat([head, torch.tensor([k, inv, total], dtype=torch.float64, device=head.device)])
+        counts = torch.tensor([k, inv, total], dtype=dtype, device=col.params[0].device)
+        head = counts if head is None else torch.cat([head, counts])
     return known, head, _elementwise(col, known)
 
 
@@ -105,20 +125,10 @@ def _elementwise(col: GradientMomentCollector, known: list[int]) -> Tensor | Non
 
 
 def _store(state: GradNoiseCommState, bucket: dist.GradBucket, known: list[int], head: Tensor, elem: Tensor | None, nbytes: int) -> None:
-    if not state._fresh or state._result is None:
-        state._result, state._fresh = state._new_result(), True
-    res = state._result
-    res.sq_norm_sums[known] = head[: len(known)].to(torch.float64)
+    state._parts.append((known, head[: len(known)], elem, nbytes))
     if bucket.is_last():
         k, inv, total = head[len(known) :].tolist()
-        res.num_groups, res.inv_size_sum, res.size_sum = int(round(k)), inv, total
-    if elem is not None and res.elementwise is not None:
-        offset = 0
-        for i in known:
-            t = res.elementwise[i]
-            t.copy_(elem[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-    res.packed_bytes += nbytes
+        state._counts = (int(round(k)), inv, total)
 
 
 def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -154,7 +164,7 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
     else:
         extras = [head] + ([elem] if elem is not None else [])
     if state.inner_hook is None and buffer.dtype in (torch.float32, torch.float64):
-        packed = torch.cat([buffer / world] + [e.to(buffer.dtype) for e in extras])
+        packed = torch.cat([buffer.div_(world)] + [e.to(buffer.dtype) for e in extras])
         fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
 
         def unpack(f: torch.futures.Future) -> Tensor:

@@ -43,17 +43,22 @@ class Decision:
 
 @dataclass
 class BatchSizeController:
-    r"""Keeps :math:`GR_S` in ``band`` by doubling or halving the global batch.
+    r"""Keeps :math:`GR_S` in ``band`` by multiplying or dividing the global batch by powers of two.
 
     The batch is ``unit`` (micro-batch x devices) times a power of two (the accumulation), between
     ``min_batch`` and ``max_batch``. It moves only when :math:`GR_S` leaves the band widened by
-    ``hysteresis`` on each side, by one doubling or halving per decision, and then waits
-    ``cooldown`` optimizer steps (the EMAs need time to see the new batch).
+    ``hysteresis`` on each side, and then waits ``cooldown`` optimizer steps (the EMAs need time
+    to see the new batch). Given :math:`B_\text{simple}` the move goes straight to the batch whose
+    :math:`GR_S = (1 + B_\text{simple})/(B + B_\text{simple})` (GR-Gauge Lemma 2) is nearest the
+    band's middle, at most ``max_factor`` times larger or smaller per decision; without it, one
+    doubling or halving.
 
     Example:
         >>> c = BatchSizeController(unit=32, min_batch=32, max_batch=1024)
         >>> c.decide(gr_s=0.9, batch=64, step=100).value    # too redundant: too small a batch
         128.0
+        >>> c.decide(gr_s=0.9, batch=64, step=200, b_simple=600.0).value   # band: B in [324, 600]
+        512.0
     """
 
     unit: int
@@ -62,6 +67,7 @@ class BatchSizeController:
     band: tuple[float, float] = GR_S_BAND
     hysteresis: float = 0.02
     cooldown: int = 50
+    max_factor: int = 8
     last_change: int = 0  # the first decision waits one cooldown: the EMAs need steps first
 
     def __post_init__(self) -> None:
@@ -74,26 +80,46 @@ class BatchSizeController:
             raise ValueError(f"hysteresis={self.hysteresis!r} must be >= 0 and below the band's width")
         if not (isinstance(self.cooldown, int) and self.cooldown >= 0):
             raise ValueError(f"cooldown={self.cooldown!r} must be an int >= 0")
+        if not (isinstance(self.max_factor, int) and self.max_factor >= 2 and not self.max_factor & (self.max_factor - 1)):
+            raise ValueError(f"max_factor={self.max_factor!r} must be a power of two >= 2")
 
-    def decide(self, gr_s: float, batch: float, step: int) -> Decision:
+    def decide(self, gr_s: float, batch: float, step: int, b_simple: float | None = None) -> Decision:
+        """The batch for the next steps, from the current :math:`GR_S` (and :math:`B_\text{simple}`,
+        which says how far to go)."""
         low, high = self.band
         if not math.isfinite(gr_s):
             return Decision(batch, False, "no GR_S estimate yet")
         if step - self.last_change < self.cooldown:
             return Decision(batch, False, f"cooldown until step {self.last_change + self.cooldown}")
         if gr_s > high + self.hysteresis:
-            new = min(batch * 2, self.max_batch)
-            why = f"GR_S {gr_s:.3f} above {high}: gradients redundant within the batch, double it"
+            up, why = True, f"GR_S {gr_s:.3f} above {high}: gradients redundant within the batch, grow it"
         elif gr_s < low - self.hysteresis:
-            new = max(batch / 2, self.min_batch)
-            why = f"GR_S {gr_s:.3f} below {low}: past the critical batch, halve it"
+            up, why = False, f"GR_S {gr_s:.3f} below {low}: past the critical batch, shrink it"
         else:
             return Decision(batch, False, f"GR_S {gr_s:.3f} in band")
-        new = float(self.unit * 2 ** round(math.log2(max(new / self.unit, 1))))
-        if new == batch:
+        new = self._next(batch, up, b_simple)
+        if new is None:
             return Decision(batch, False, why + f", but the batch is at its bound {batch:.0f}")
         self.last_change = step
         return Decision(new, True, why + f": {batch:.0f} -> {new:.0f}")
+
+    def _next(self, batch: float, up: bool, b_simple: float | None) -> float | None:
+        """The allowed batch strictly on the ``up`` side of ``batch``, within ``max_factor``: one
+        in the band's batch range if there is one, the nearest (in log) to the range's middle."""
+        lo, hi = 0.0, math.inf
+        aim = batch * 2 if up else batch / 2
+        if b_simple is not None and math.isfinite(b_simple) and b_simple > 0:
+            lo, hi = batch_range_for_gr_s(b_simple, self.band)
+            aim = math.sqrt(max(lo, 1.0) * max(hi, 1.0))
+        reach = (batch, batch * self.max_factor) if up else (batch / self.max_factor, batch)
+        allowed = [
+            b for b in (self.unit * 2**n for n in range(64))
+            if self.min_batch <= b <= self.max_batch and reach[0] <= b <= reach[1] and b != batch
+        ]
+        if not allowed:
+            return None
+        pool = [b for b in allowed if lo <= b <= hi] or allowed
+        return float(min(pool, key=lambda b: abs(math.log(b / aim))))
 
     def target_range(self, b_simple: float) -> tuple[float, float]:
         """The batch range of the band for the current :math:`B_\\text{simple}` (Lemma 2)."""
@@ -110,22 +136,25 @@ class BatchSizeController:
 class LRController:
     r"""Moves a learning-rate multiplier toward :math:`GR_T \approx` ``target``.
 
-    Above ``target * tolerance`` the multiplier shrinks by ``step_factor``, below
-    ``target / tolerance`` it grows by it (never past ``[min_scale, max_scale]``), then waits
-    ``cooldown`` optimizer steps.
+    Outside ``[target / tolerance, target * tolerance]`` the multiplier changes by
+    :math:`(\text{target}/GR_T)^\text{gain}`, bounded to ``[1/step_factor, step_factor]`` per
+    decision (:math:`GR_T` rises with the learning rate, GR-Gauge Theorem 1, so the move is the
+    right way; the power keeps it proportional to how far off :math:`GR_T` is), never past
+    ``[min_scale, max_scale]``, then waits ``cooldown`` optimizer steps.
 
     Example:
         >>> c = LRController()
-        >>> c.decide(gr_t=60.0, scale=1.0, step=100).value   # GR_T too high: learning rate too high
-        0.8
+        >>> c.decide(gr_t=80.0, scale=1.0, step=100).value   # GR_T 4x too high: learning rate / 2
+        0.5
     """
 
     target: float = GR_T_TARGET
     tolerance: float = 1.5
-    step_factor: float = 1.25
+    step_factor: float = 2.0
     cooldown: int = 50
     min_scale: float = 1e-3
     max_scale: float = 1e3
+    gain: float = 0.5
     last_change: int = 0  # the first decision waits one cooldown: the EMAs need steps first
 
     def __post_init__(self) -> None:
@@ -135,23 +164,26 @@ class LRController:
             raise ValueError(f"tolerance={self.tolerance!r} must be > 1")
         if not self.step_factor > 1:
             raise ValueError(f"step_factor={self.step_factor!r} must be > 1")
+        if not self.gain > 0:
+            raise ValueError(f"gain={self.gain!r} must be > 0")
         if not (0 < self.min_scale <= 1 <= self.max_scale):
             raise ValueError(f"min_scale={self.min_scale!r}, max_scale={self.max_scale!r}: need 0 < min_scale <= 1 <= max_scale")
         if not (isinstance(self.cooldown, int) and self.cooldown >= 0):
             raise ValueError(f"cooldown={self.cooldown!r} must be an int >= 0")
 
     def decide(self, gr_t: float, scale: float, step: int) -> Decision:
-        if not math.isfinite(gr_t):
+        if not math.isfinite(gr_t) or gr_t <= 0:
             return Decision(scale, False, "no GR_T estimate yet")
         if step - self.last_change < self.cooldown:
             return Decision(scale, False, f"cooldown until step {self.last_change + self.cooldown}")
         if gr_t > self.target * self.tolerance:
-            new, why = scale / self.step_factor, f"GR_T {gr_t:.1f} above {self.target:g}: lower the learning rate"
+            why = f"GR_T {gr_t:.1f} above {self.target:g}: lower the learning rate"
         elif gr_t < self.target / self.tolerance:
-            new, why = scale * self.step_factor, f"GR_T {gr_t:.1f} below {self.target:g}: raise the learning rate"
+            why = f"GR_T {gr_t:.1f} below {self.target:g}: raise the learning rate"
         else:
             return Decision(scale, False, f"GR_T {gr_t:.1f} near {self.target:g}")
-        new = min(max(new, self.min_scale), self.max_scale)
+        factor = min(max((self.target / gr_t) ** self.gain, 1 / self.step_factor), self.step_factor)
+        new = min(max(scale * factor, self.min_scale), self.max_scale)
         if new == scale:
             return Decision(scale, False, why + ", but the scale is at its bound")
         self.last_change = step
