@@ -1,6 +1,6 @@
 """Auto-tuning against a grid of fixed settings: steps and examples to a target training loss.
 
-    python benchmarks/autotune_digits.py [--target 0.15] [--seeds 3] [--max-steps 3000] [--plot autotune.png]
+    python benchmarks/autotune_digits.py [--target 0.15] [--seeds 3] [--max-steps 1000] [--plot autotune.png]
 
 The digits MLP of examples/digits_monitor.py (SGD, momentum 0.9) on scikit-learn's digits. The
 grid: 4 global batch sizes x 4 learning rates, fixed. The controller (GradNoiseMonitor +
@@ -82,7 +82,7 @@ def median_run(seeds: int, *args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, default=0.15)
-    parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-factor", type=int, default=8, help="BatchSizeAdapter max_factor")
     parser.add_argument("--lr-step-factor", type=float, default=2.0, help="LRAdapter step_factor")
