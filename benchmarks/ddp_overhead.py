@@ -1,6 +1,6 @@
 """strategy="gnddp" + GradNoiseMonitor against plain DDP, two CPU processes (gloo).
 
-    python benchmarks/ddp_overhead.py [--steps 200] [--repeats 5] [--accumulate 1]
+    python benchmarks/ddp_overhead.py [--steps 200] [--repeats 5] [--accumulate 1] [--hidden 128]
 
 Lightning launches the second process. Two kinds of figure, both from one invocation:
 
@@ -57,7 +57,7 @@ class Bytes(L.Callback):
         self.values.append(sum(p.numel() * p.element_size() for p in pl_module.parameters()) + extra)
 
 
-def fit(strategy: str, monitor_kwargs: dict | None, steps: int, accumulate: int, micro: int):
+def fit(strategy: str, monitor_kwargs: dict | None, steps: int, accumulate: int, micro: int, hidden: int = 128):
     L.seed_everything(0, verbose=False)
     monitor = GradNoiseMonitor(**monitor_kwargs) if monitor_kwargs else None
     times, nbytes = StepTimes(warmup=10), Bytes(monitor)
@@ -68,7 +68,7 @@ def fit(strategy: str, monitor_kwargs: dict | None, steps: int, accumulate: int,
         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
     train, _ = digits_loaders(micro)
-    trainer.fit(DigitsMLP(), train)
+    trainer.fit(DigitsMLP(hidden=hidden), train)
     on_bytes = [b for i, b in enumerate(nbytes.values) if i % 2 == 1]  # the monitored (odd) steps
     return times, statistics.mean(on_bytes)
 
@@ -77,13 +77,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=128, help="width of the MLP's first layer (the demo model: 128)")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=32)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    run = lambda strategy, kw: fit(strategy, kw, args.steps, args.accumulate, args.micro_batch)  # noqa: E731
+    run = lambda strategy, kw: fit(strategy, kw, args.steps, args.accumulate, args.micro_batch, args.hidden)  # noqa: E731
     paired = {name: [run(*cfg) for _ in range(args.repeats)] for name, cfg in PAIRED.items()}
     order, rng = ["ddp", "gnddp"] * args.repeats, random.Random(0)  # the same order on both ranks
     rng.shuffle(order)
@@ -95,7 +96,8 @@ def main() -> None:
     if not rank0:
         return
     ratio_strategy = statistics.median(alone["gnddp"]) / statistics.median(alone["ddp"])
-    print(f"\ndigits MLP, 2 CPU processes (gloo), micro-batch {args.micro_batch}, accumulate {args.accumulate}, "
+    params = sum(p.numel() for p in DigitsMLP(hidden=args.hidden).parameters())
+    print(f"\ndigits MLP (hidden {args.hidden}, {params} parameters), 2 CPU processes (gloo), micro-batch {args.micro_batch}, accumulate {args.accumulate}, "
           f"{args.steps} steps x {args.repeats} fits (torch {torch.__version__})")
     print(f"plain ddp: {statistics.median(alone['ddp']) * 1e3:.3f} ms/step, {plain_bytes:.0f} bytes/step; "
           f"gnddp without monitor / ddp: {ratio_strategy:.3f}")

@@ -1,6 +1,6 @@
 """Step time with GradNoiseMonitor divided by step time without it, measured in one run.
 
-    python benchmarks/monitor_overhead.py [--steps 200] [--repeats 5] [--accumulate 4]
+    python benchmarks/monitor_overhead.py [--steps 200] [--repeats 5] [--accumulate 4] [--hidden 128]
 
 The digits MLP of examples/digits_monitor.py, one CPU device, accumulate_grad_batches=4. In each
 fit the monitor is active on every other optimizer step (see ``_alternate.py``), so steps with and
@@ -36,18 +36,18 @@ CONFIGS = {
 }
 
 
-def paired_fit(monitor_kwargs: dict, steps: int, accumulate: int, micro: int, devices: int = 1, strategy: str = "auto") -> tuple[float, float]:
+def paired_fit(monitor_kwargs: dict, steps: int, accumulate: int, micro: int, hidden: int = 128) -> tuple[float, float]:
     """(ratio on/off, ms per step without the monitor) of one fit."""
     L.seed_everything(0, verbose=False)
     times = StepTimes(warmup=10)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
+        accelerator="cpu", devices=1, max_steps=steps,
         accumulate_grad_batches=accumulate, callbacks=[times, Alternating(GradNoiseMonitor(**monitor_kwargs))],
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     train, _ = digits_loaders(micro)
-    trainer.fit(DigitsMLP(), train)
+    trainer.fit(DigitsMLP(hidden=hidden), train)
     return times.ratio(), times.off_ms()
 
 
@@ -55,13 +55,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=128, help="width of the MLP's first layer (the demo model: 128)")
     parser.add_argument("--accumulate", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=16)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    results = {name: [paired_fit(kw, args.steps, args.accumulate, args.micro_batch) for _ in range(args.repeats)] for name, kw in CONFIGS.items()}
-    print(f"\ndigits MLP, 1 CPU device, accumulate_grad_batches={args.accumulate}, micro-batch {args.micro_batch}, "
+    results = {name: [paired_fit(kw, args.steps, args.accumulate, args.micro_batch, args.hidden) for _ in range(args.repeats)] for name, kw in CONFIGS.items()}
+    params = sum(p.numel() for p in DigitsMLP(hidden=args.hidden).parameters())
+    print(f"\ndigits MLP (hidden {args.hidden}, {params} parameters), 1 CPU device, accumulate_grad_batches={args.accumulate}, micro-batch {args.micro_batch}, "
           f"{args.steps} steps x {args.repeats} fits (torch {torch.__version__})")
     print(f"{'configuration':<34} {'ms/step without':>16} {'ratio':>7}  {'(min-max over fits)'}")
     for name, rs in results.items():

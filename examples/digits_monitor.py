@@ -26,10 +26,10 @@ from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr
 
 
 class DigitsMLP(L.LightningModule):
-    def __init__(self, lr: float = 0.05) -> None:
+    def __init__(self, lr: float = 0.05, hidden: int = 128) -> None:
         super().__init__()
         self.lr = lr
-        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 10))
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -78,7 +78,7 @@ class BatchSizeAdapter(CallbackBase):
         hysteresis: float = 0.02,
         cooldown: int = 50,
         lr_rule: Optional[str] = "auto",
-        max_factor: int = 8,
+        max_factor: int = 2,
     ) -> None:
         if lr_rule not in ("auto", "sgd", "adam", None):
             raise ValueError(f"lr_rule={lr_rule!r} is invalid: expected 'auto', 'sgd', 'adam' or None")
@@ -202,7 +202,7 @@ class LRAdapter(CallbackBase):
     Needs a :class:`GradNoiseMonitor` measuring ``gr_t``.
     """
 
-    def __init__(self, target: float = 20.0, tolerance: float = 1.5, step_factor: float = 2.0, cooldown: int = 50,
+    def __init__(self, target: float = 20.0, tolerance: float = 1.5, step_factor: float = 1.5, cooldown: int = 50,
                  min_scale: float = 1e-3, max_scale: float = 1e3, gain: float = 0.5) -> None:
         self.controller = LRController(target=target, tolerance=tolerance, step_factor=step_factor, cooldown=cooldown,
                                        min_scale=min_scale, max_scale=max_scale, gain=gain)

@@ -50,14 +50,16 @@ class BatchSizeController:
     ``hysteresis`` on each side, and then waits ``cooldown`` optimizer steps (the EMAs need time
     to see the new batch). Given :math:`B_\text{simple}` the move goes straight to the batch whose
     :math:`GR_S = (1 + B_\text{simple})/(B + B_\text{simple})` (GR-Gauge Lemma 2) is nearest the
-    band's middle, at most ``max_factor`` times larger or smaller per decision; without it, one
-    doubling or halving.
+    band's middle, at most ``max_factor`` times larger or smaller per decision (by default 2: one
+    doubling or halving, since early estimates of :math:`B_\text{simple}` can be far off);
+    without it, one doubling or halving.
 
     Example:
         >>> c = BatchSizeController(unit=32, min_batch=32, max_batch=1024)
         >>> c.decide(gr_s=0.9, batch=64, step=100).value    # too redundant: too small a batch
         128.0
-        >>> c.decide(gr_s=0.9, batch=64, step=200, b_simple=600.0).value   # band: B in [324, 600]
+        >>> c = BatchSizeController(unit=32, min_batch=32, max_batch=1024, max_factor=8)
+        >>> c.decide(gr_s=0.9, batch=64, step=100, b_simple=600.0).value   # band: B in [324, 600]
         512.0
     """
 
@@ -67,7 +69,7 @@ class BatchSizeController:
     band: tuple[float, float] = GR_S_BAND
     hysteresis: float = 0.02
     cooldown: int = 50
-    max_factor: int = 8
+    max_factor: int = 2
     last_change: int = 0  # the first decision waits one cooldown: the EMAs need steps first
 
     def __post_init__(self) -> None:
@@ -144,13 +146,14 @@ class LRController:
 
     Example:
         >>> c = LRController()
+        >>> c = LRController(step_factor=2.0)
         >>> c.decide(gr_t=80.0, scale=1.0, step=100).value   # GR_T 4x too high: learning rate / 2
         0.5
     """
 
     target: float = GR_T_TARGET
     tolerance: float = 1.5
-    step_factor: float = 2.0
+    step_factor: float = 1.5
     cooldown: int = 50
     min_scale: float = 1e-3
     max_scale: float = 1e3
