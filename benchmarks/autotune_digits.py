@@ -76,6 +76,7 @@ def median_run(seeds: int, *args) -> dict:
     out = dict(runs[0])
     for key in ("steps", "examples", "final_batch"):
         out[key] = statistics.median(r[key] for r in runs)
+    out["per_seed"] = [(r["steps"], r["examples"]) for r in runs]
     return out
 
 
@@ -108,7 +109,8 @@ def main() -> None:
     for r in grid:
         print(f"{'fixed batch %d, lr %g' % (r['batch'], r['lr']):<36} {r['steps']:>7g} {r['examples']:>9g}")
     for name, r in adaptive.items():
-        print(f"{'controller from ' + name:<36} {r['steps']:>7g} {r['examples']:>9g}  (ends at batch {r['final_batch']:g})")
+        print(f"{'controller from ' + name:<36} {r['steps']:>7g} {r['examples']:>9g}  (ends at batch {r['final_batch']:g}; "
+              f"per seed: {', '.join(f'{s:g}/{e:g}' for s, e in r['per_seed'])})")
     for name, r in adaptive.items():
         better = [g for g in grid if g["steps"] < r["steps"] and g["examples"] < r["examples"]]
         print(f"grid points with both fewer steps and fewer examples than the controller from {name}: {len(better)}"

@@ -169,3 +169,10 @@ def test_cancelled_swap_group_keeps_gradients_and_drops_its_norms() -> None:
     col.cancel_group()
     assert col.num_groups == 1 and torch.equal(col.group_sq_norms(), first)
     assert col.raw_norms() is not None and len(col.raw_norms()[0]) == 2
+
+
+def test_comm_state_rejects_a_bad_pack_limit() -> None:
+    from lightning_gradnoise.capture import GradNoiseCommState
+
+    with pytest.raises(ValueError, match="pack_limit=-1"):
+        GradNoiseCommState(pack_limit=-1)

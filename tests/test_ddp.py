@@ -69,8 +69,13 @@ def test_trajectory_is_bit_identical_to_plain_ddp_and_plain_ddp_monitor_agrees(t
     common = dict(steps=30, accumulate=2, lr=0.05, every=1)
     plain = launch(tmp_path, "traj", strategy="ddp", monitor=0, **common)
     gn = launch(tmp_path, "traj", strategy="gnddp", **common)  # GSNR moments packed every step
+    beside = launch(tmp_path, "traj", strategy="gnddp", pack_limit=0, **common)  # bucket in place, moments beside
     ddp_monitor = launch(tmp_path, "traj", strategy="ddp", **common)
-    assert gn[0]["weight"] == plain[0]["weight"] == gn[1]["weight"]
+    assert gn[0]["weight"] == plain[0]["weight"] == gn[1]["weight"] == beside[0]["weight"] == beside[1]["weight"]
+    assert beside[0]["rows"] == beside[1]["rows"] and beside[0]["pack_limit"] == 0 < gn[0]["pack_limit"]
+    for row_gn, row_beside in zip(gn[0]["rows"], beside[0]["rows"], strict=True):
+        for key in ("b_simple", "gr_t", "gsnr", "grad_sq"):
+            assert row_gn[key] == pytest.approx(row_beside[key], rel=1e-12), key
     assert ddp_monitor[0]["weight"] == plain[0]["weight"]
     for row_gn, row_ddp in zip(gn[0]["rows"], ddp_monitor[0]["rows"]):
         for key in ("b_simple", "gr_t", "gsnr", "grad_sq"):

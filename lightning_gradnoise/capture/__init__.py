@@ -1,10 +1,11 @@
 """Layer 2: moment capture from autograd hooks and the DDP comm hook (plain PyTorch, no Lightning)."""
 
 from lightning_gradnoise.capture._collector import GradientMomentCollector
-from lightning_gradnoise.capture._comm import GradNoiseCommState, ReducedMoments, gradnoise_comm_hook
+from lightning_gradnoise.capture._comm import PACK_LIMIT, GradNoiseCommState, ReducedMoments, gradnoise_comm_hook
 from lightning_gradnoise.capture._tracker import STATISTICS, GradNoiseTracker, needs_groups, parse_statistics
 
 __all__ = [
+    "PACK_LIMIT",
     "STATISTICS",
     "GradNoiseCommState",
     "GradNoiseTracker",

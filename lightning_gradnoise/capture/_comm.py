@@ -11,9 +11,14 @@ from torch import Tensor
 
 from lightning_gradnoise.capture._collector import GradientMomentCollector, size_sums
 
-__all__ = ["ReducedMoments", "GradNoiseCommState", "gradnoise_comm_hook"]
+__all__ = ["PACK_LIMIT", "ReducedMoments", "GradNoiseCommState", "gradnoise_comm_hook"]
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
+
+PACK_LIMIT = 1 << 18
+"""Default :attr:`GradNoiseCommState.pack_limit`: buckets of at most this many elements (1 MiB in
+float32) carry the moments inside their own all-reduce; bigger ones are reduced in place with
+the moments in a small all-reduce beside them."""
 
 
 @dataclass
@@ -40,6 +45,8 @@ class GradNoiseCommState:
         process_group: the group DDP reduces over (``None``: the default group).
         inner_hook, inner_state: a user's communication hook (e.g. fp16 compression) that still
             reduces the gradients; the moments then travel in one small extra all-reduce.
+        pack_limit: buckets of at most this many elements carry the moments in their own
+            all-reduce; bigger ones are reduced in place with the moments beside them.
     """
 
     def __init__(
@@ -48,7 +55,11 @@ class GradNoiseCommState:
         process_group: Any = None,
         inner_hook: CommHook | None = None,
         inner_state: Any = None,
+        pack_limit: int = PACK_LIMIT,
     ) -> None:
+        if not (isinstance(pack_limit, int) and pack_limit >= 0):
+            raise ValueError(f"pack_limit={pack_limit!r} is invalid: expected an int >= 0 (elements)")
+        self.pack_limit = pack_limit
         self.process_group = process_group
         self.inner_hook = inner_hook
         self.inner_state = inner_state
@@ -136,10 +147,12 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
     gradient-noise moments for the bucket's parameters (summed).
 
     The moments (one float per parameter tensor, three counts in the last bucket, and only when
-    the collector asks for them the elementwise :math:`\sum_j g_j^2`) are appended to the bucket's
-    flat buffer, so they travel in DDP's own collective: no second all-reduce. With a user
-    ``inner_hook`` or a low-precision buffer (a compression wrapper), they travel in one small
-    float64 all-reduce beside it instead, so the moments never lose range or precision.
+    the collector asks for them the elementwise :math:`\sum_j g_j^2`) are appended to a bucket of up
+    to ``state.pack_limit`` elements (:data:`PACK_LIMIT`), so they travel in DDP's own collective: no second all-reduce.
+    A bigger bucket is reduced in place, as DDP does, with its moments in one small all-reduce
+    beside it (packing would copy the bucket twice). With a user ``inner_hook`` or a low-precision
+    buffer (a compression wrapper) they also go beside it, in float64, so that they never lose
+    range or precision. Steps that measure nothing are reduced exactly as DDP's default hook does.
 
     Works on any backend (gloo on CPU, NCCL on GPUs). Register it on a plain
     :class:`~torch.nn.parallel.DistributedDataParallel` module::
@@ -159,31 +172,32 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
     else:
         known, head, elem = _local_payload(state, bucket)
     n = buffer.numel()
-    if head is None:
-        extras: list[Tensor] = []
-    else:
-        extras = [head] + ([elem] if elem is not None else [])
-    if state.inner_hook is None and buffer.dtype in (torch.float32, torch.float64):
+    extras = [] if head is None else [head] + ([elem] if elem is not None else [])
+    full_precision = buffer.dtype in (torch.float32, torch.float64)
+    if state.inner_hook is None and full_precision and not extras:  # DDP's own reduction, in place
+        return dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+    if state.inner_hook is None and full_precision and n + sum(e.numel() for e in extras) <= state.pack_limit:
         packed = torch.cat([buffer.div_(world)] + [e.to(buffer.dtype) for e in extras])
         fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
 
         def unpack(f: torch.futures.Future) -> Tensor:
             out = f.value()[0]
-            if head is not None:
-                h = out[n : n + head.numel()]
-                e = out[n + head.numel() :] if elem is not None else None
-                _store(state, bucket, known, h, e, (packed.numel() - n) * packed.element_size())
+            h = out[n : n + head.numel()]
+            e = out[n + head.numel() :] if elem is not None else None
+            _store(state, bucket, known, h, e, (packed.numel() - n) * packed.element_size())
             return out[:n]
 
         return fut.then(unpack)
 
-    # A compression hook or wrapper owns the gradient's collective; the moments go beside it.
-    small = torch.cat([e.to(torch.float64) for e in extras]) if extras else None
+    # A big bucket is reduced in place (packing would copy it twice) and a compression hook or
+    # wrapper owns the gradient's collective: the moments go beside it, in the bucket's precision
+    # or, beside a low-precision buffer, in float64 so that they never lose range.
+    small = torch.cat([e.to(buffer.dtype if full_precision else torch.float64) for e in extras]) if extras else None
     small_fut = dist.all_reduce(small, group=group, async_op=True).get_future() if small is not None else None
     if state.inner_hook is not None:
         grad_fut = state.inner_hook(state.inner_state, bucket)
     else:
-        grad_fut = dist.all_reduce(buffer / world, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+        grad_fut = dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future().then(lambda f: f.value()[0])
 
     def finish(f: torch.futures.Future) -> Tensor:
         if small_fut is not None and head is not None:

@@ -22,7 +22,8 @@ _DOC = r"""Lightning's ``DDPStrategy`` whose gradient all-reduce also carries gr
     Every ``DDPStrategy`` argument works as there. A communication hook
     (:func:`~lightning_gradnoise.capture.gradnoise_comm_hook`) is registered on every device
     type, gloo on CPU included (Lightning registers hooks only on CUDA), and appends to each bucket
-    one float per parameter tensor (each process's :math:`\sum_j |g_j|^2`), three counts, and,
+    (of up to :data:`~lightning_gradnoise.capture.PACK_LIMIT` elements; a bigger one is reduced in
+    place with its moments in a small all-reduce beside it) one float per parameter tensor (each process's :math:`\sum_j |g_j|^2`), three counts, and,
     only on steps where GSNR is measured, the elementwise :math:`\sum_j g_j^2`. Summed by DDP's own
     collective, they give :class:`~lightning_gradnoise.GradNoiseMonitor` the statistics of all
     devices x accumulation micro-batches with no second collective. The gradients themselves are

@@ -100,12 +100,15 @@ def main() -> None:
         callbacks.append(L.callbacks.ModelCheckpoint(dirpath=opts["ckpt_dir"], save_top_k=-1, every_n_epochs=1))
         extra_kw["enable_checkpointing"] = True
     trainer = L.Trainer(**trainer_kwargs(devices=2, strategy=strategy, accumulate_grad_batches=accumulate, callbacks=callbacks, **extra_kw))
+    if "pack_limit" in opts:  # 0: every bucket reduced in place, the moments beside it
+        trainer.strategy.gradnoise.pack_limit = int(opts["pack_limit"])
     trainer.fit(model, ckpt_path=opts.get("resume"))
     out = {
         "rank": trainer.global_rank,
         "rows": rows,
         "records": records,
         "weight": model.lin.weight.detach().flatten().tolist(),
+        "pack_limit": getattr(getattr(trainer.strategy, "gradnoise", None), "pack_limit", None),
         "truth_b_simple": truth.b_simple,
         "micro_batches_seen": Count.seen,
         "accumulate": Count.accumulate,
