@@ -57,6 +57,17 @@ def test_batch_rule_jumps_to_the_band_that_b_simple_implies() -> None:
         BatchSizeController(unit=16, min_batch=16, max_batch=64, max_factor=3)
 
 
+def test_batch_decision_uses_the_configured_batch_not_a_short_window() -> None:
+    """An epoch's short last window (here 16 of 64 samples) reads GR_S = 0.72 at B = 16; at the
+    configured B = 64 the same B_simple gives 0.39: shrink, not grow."""
+    from lightning_gradnoise.stats import gr_s
+
+    c = BatchSizeController(unit=16, min_batch=16, max_batch=1024, cooldown=0)
+    assert float(gr_s(40.0, 16)) > 0.65 > 0.5 > float(gr_s(40.0, 64))
+    assert c.decide_from_noise_scale(40.0, 64, step=1).value == 32
+    assert c.decide_from_noise_scale(float("nan"), 64, step=2).changed is False
+
+
 def test_lr_rule_steps_in_proportion_to_the_distance_from_target() -> None:
     c = LRController(target=20, tolerance=1.5, step_factor=2.0, gain=0.5, cooldown=0)
     assert c.decide(80.0, 1.0, step=1).value == pytest.approx(0.5)  # (20/80)^0.5

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr_s, check_band
+from lightning_gradnoise.stats import gr_s as gr_s_at
 
 __all__ = ["Decision", "BatchSizeController", "LRController", "lr_rule_for", "ADAM_STYLE", "SGD_STYLE"]
 
@@ -104,6 +105,14 @@ class BatchSizeController:
             return Decision(batch, False, why + f", but the batch is at its bound {batch:.0f}")
         self.last_change = step
         return Decision(new, True, why + f": {batch:.0f} -> {new:.0f}")
+
+    def decide_from_noise_scale(self, b_simple: float | None, batch: float, step: int) -> Decision:
+        """:meth:`decide` with :math:`GR_S` computed at ``batch`` from :math:`B_\text{simple}`
+        (Lemma 2): the configured batch, not the batch of the step that was measured (a short
+        last accumulation window of an epoch would read as a spike of :math:`GR_S`)."""
+        if b_simple is None or not math.isfinite(b_simple):
+            return Decision(batch, False, "no B_simple estimate yet")
+        return self.decide(float(gr_s_at(b_simple, batch)), batch, step, b_simple)
 
     def _next(self, batch: float, up: bool, b_simple: float | None) -> float | None:
         """The allowed batch strictly on the ``up`` side of ``batch``, within ``max_factor``: one
