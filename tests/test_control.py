@@ -134,6 +134,10 @@ def test_adapters_in_a_fit_compose_with_a_scheduler_and_resume_exactly(tmp_path)
     trainer, model, bsa, lra, logger = adapt_run(tmp_path, ckpt=True)
     assert bsa.decisions and trainer.accumulate_grad_batches > 2  # the batch grew mid-epoch
     assert any(s % 64 for s, _ in bsa.decisions)  # not only at epoch boundaries (64 steps at K=2)
+    # the two adapters never move in one step, and the learning rate waits a cooldown after a batch move
+    assert lra.decisions
+    for step, _ in lra.decisions:
+        assert not any(0 <= step - b < 10 for b, _ in bsa.decisions), (step, bsa.decisions)
     # the learning rate actually used = the schedule (LambdaLR from base 0.02) x both scales
     group = trainer.optimizers[0].param_groups[0]
     sched = trainer.lr_scheduler_configs[0].scheduler

@@ -97,6 +97,7 @@ class BatchSizeAdapter(CallbackBase):
         if stage != "fit":
             return
         self.monitor = _monitor(trainer, "gr_s", "BatchSizeAdapter")
+        self.lr_adapter = next((cb for cb in trainer.callbacks if isinstance(cb, LRAdapter)), None)
         ns = namespace_of(trainer)
         if not isinstance(trainer.strategy, (ns.strategies.DDPStrategy, ns.strategies.SingleDeviceStrategy)):
             raise MisconfigurationError(
@@ -106,6 +107,13 @@ class BatchSizeAdapter(CallbackBase):
         k = trainer.accumulate_grad_batches
         if k & (k - 1):
             raise MisconfigurationError(f"BatchSizeAdapter needs accumulate_grad_batches to be a power of two, got {k}")
+
+    @property
+    def last_change(self) -> int:
+        """The optimizer step of the last batch decision (0: none yet), restored ones included."""
+        if self.controller is not None:
+            return self.controller.last_change
+        return int(self._restored["controller"]["last_change"]) if self._restored else 0
 
     def _ensure_controller(self, trainer: Any, micro: int) -> BatchSizeController:
         if self.controller is None:
@@ -137,7 +145,9 @@ class BatchSizeAdapter(CallbackBase):
         if (batch_idx + 1) % k != 0:
             return  # not an optimizer-step boundary
         latest = self.monitor.latest
-        if latest is not self._seen and "gr_s" in latest:
+        lr_adapter = getattr(self, "lr_adapter", None)
+        lr_moved = lr_adapter is not None and lr_adapter.controller.last_change == trainer.global_step > 0
+        if latest is not self._seen and "gr_s" in latest and not lr_moved:  # one adapter moves per step
             self._seen = latest
             controller = self._ensure_controller(trainer, self.monitor._micro_size or 1)
             batch = controller.unit * k
@@ -199,7 +209,9 @@ class LRAdapter(CallbackBase):
     r"""Moves the learning rate toward :math:`GR_T \approx` ``target`` (GR-Gauge Theorem 1: GR_T
     rises with the learning rate) in bounded multiplicative steps, :math:`(\text{target}/GR_T)^\text{gain}`
     capped at ``step_factor``, with a cooldown (:class:`~lightning_gradnoise.control.LRController`).
-    Composes with LR schedulers (:func:`scale_learning_rate`) and with :class:`BatchSizeAdapter`.
+    Composes with LR schedulers (:func:`scale_learning_rate`) and with :class:`BatchSizeAdapter`:
+    after a batch change (which rescales the learning rate itself) it waits one cooldown, since
+    :math:`GR_T`'s EMAs still span the old batch, and the two never move in the same step.
     Needs a :class:`GradNoiseMonitor` measuring ``gr_t``.
     """
 
@@ -214,12 +226,16 @@ class LRAdapter(CallbackBase):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self.monitor = _monitor(trainer, "gr_t", "LRAdapter")
+            self.batch_adapter = next((cb for cb in trainer.callbacks if isinstance(cb, BatchSizeAdapter)), None)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         latest = self.monitor.latest
         if latest is self._seen or "gr_t" not in latest:
             return
         self._seen = latest
+        batch = getattr(self, "batch_adapter", None)
+        if batch is not None and batch.last_change > 0 and trainer.global_step - batch.last_change < self.controller.cooldown:
+            return  # GR_T's EMAs still span the batch before the change: wait a cooldown
         decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step)
         new_scale, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
         if not changed:
