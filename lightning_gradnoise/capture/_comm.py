@@ -106,7 +106,7 @@ class GradNoiseCommState:
 
 
 def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket) -> tuple[list[int], Tensor, Tensor | None]:
-    """The bucket's tensors (collector indices), their :math:`\sum_j |g_j|^2` (and, in the last
+    r"""The bucket's tensors (collector indices), their :math:`\sum_j |g_j|^2` (and, in the last
     bucket, the three counts) in the bucket's dtype, and the elementwise moments if asked."""
     col = state.collector
     assert col is not None

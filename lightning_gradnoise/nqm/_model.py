@@ -158,7 +158,7 @@ class NQM:
 
     # -- steps to a target ----------------------------------------------------------------------
     def steps_to_target(self, lr, batch, target: float = 0.01, max_steps: float = 2.0**40, **optimizer) -> Tensor:
-        """Fewest steps after which the expected risk is at most ``target`` (``inf`` if never).
+        r"""Fewest steps after which the expected risk is at most ``target`` (``inf`` if never).
 
         Found by doubling then bisection on integer steps (the risk of these models decreases
         towards its steady state when it starts above it, as from :math:`\theta(0) \sim N(0, I)`)."""
@@ -189,7 +189,7 @@ class NQM:
         return (2.0 * (1.0 + momentum) if momentum else 2.0) / h_max
 
     def best_lr(self, batch, target: float = 0.01, decades: float = 7.0, iters: int = 26, **optimizer) -> tuple[Tensor, Tensor]:
-        """For each batch size, the constant learning rate that needs the fewest steps.
+        r"""For each batch size, the constant learning rate that needs the fewest steps.
 
         A golden-section search on :math:`\log \alpha` over ``decades`` below the stability
         limit, all batch sizes at once (steps against the learning rate are unimodal: too small
