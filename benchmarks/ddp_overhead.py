@@ -101,12 +101,13 @@ def main() -> None:
           f"{args.steps} steps x {args.repeats} fits (torch {torch.__version__})")
     print(f"plain ddp: {statistics.median(alone['ddp']) * 1e3:.3f} ms/step, {plain_bytes:.0f} bytes/step; "
           f"gnddp without monitor / ddp: {ratio_strategy:.3f}")
-    print(f"{'configuration':<38} {'on/off':>7} {'x gnddp/ddp':>12} {'bytes/step':>11}")
+    print(f"{'configuration':<38} {'on/off':>7} {'x gnddp/ddp':>12} {'bytes/step':>11} {'extra us/step':>14}")
     for name, results in paired.items():
         ratios = [t.ratio() for t, _ in results]
         r = statistics.median(ratios)
         total = r * ratio_strategy if name.startswith("gnddp") else r
-        print(f"{name:<38} {r:>7.3f} {total:>12.3f} {statistics.mean(b for _, b in results):>11.0f}")
+        off_ms = statistics.median(t.off_ms() for t, _ in results)
+        print(f"{name:<38} {r:>7.3f} {total:>12.3f} {statistics.mean(b for _, b in results):>11.0f} {(r - 1) * off_ms * 1e3:>14.0f}")
 
 
 if __name__ == "__main__":

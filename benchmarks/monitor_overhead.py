@@ -65,11 +65,12 @@ def main() -> None:
     params = sum(p.numel() for p in DigitsMLP(hidden=args.hidden).parameters())
     print(f"\ndigits MLP (hidden {args.hidden}, {params} parameters), 1 CPU device, accumulate_grad_batches={args.accumulate}, micro-batch {args.micro_batch}, "
           f"{args.steps} steps x {args.repeats} fits (torch {torch.__version__})")
-    print(f"{'configuration':<34} {'ms/step without':>16} {'ratio':>7}  {'(min-max over fits)'}")
+    print(f"{'configuration':<34} {'ms/step without':>16} {'ratio':>7}  {'(min-max over fits)':<20} {'extra us/step':>13}")
     for name, rs in results.items():
         ratios = [r for r, _ in rs]
         base = statistics.median(ms for _, ms in rs)
-        print(f"{name:<34} {base:>16.3f} {statistics.median(ratios):>7.3f}  ({min(ratios):.3f}-{max(ratios):.3f})")
+        r = statistics.median(ratios)
+        print(f"{name:<34} {base:>16.3f} {r:>7.3f}  ({min(ratios):.3f}-{max(ratios):.3f}){'':<7} {(r - 1) * base * 1e3:>13.0f}")
 
 
 if __name__ == "__main__":
