@@ -67,6 +67,9 @@ class GradNoiseCommState:
         self._index: dict[int, int] = {}
         self._parts: list[tuple[list[int], Tensor, Tensor | None, int]] = []
         self._counts: tuple[int, float, float] | None = None
+        # reduced buffers as the collectives left them, parsed in take() on the training thread
+        # rather than in the futures' callbacks (which hold the GIL on the communication thread)
+        self._raw: list[tuple[bool, list[int], Tensor, int, int, bool, int]] = []
         self.last_packed_bytes = 0
         """Bytes this process added to the collectives of the last step taken."""
         if collector is not None:
@@ -76,10 +79,15 @@ class GradNoiseCommState:
         """Read local moments from ``collector`` (``None`` unbinds: the hook then only reduces)."""
         self.collector = collector
         self._index = {} if collector is None else {id(p): i for i, p in enumerate(collector.params)}
-        self._parts, self._counts = [], None
+        self._parts, self._counts, self._raw = [], None, []
 
     def take(self) -> ReducedMoments | None:
         """The moments reduced since the last call, or ``None`` if no all-reduce carried them."""
+        raw, self._raw = self._raw, []
+        for last, known, out, start, head_numel, has_elem, nbytes in raw:
+            head = out[start : start + head_numel]
+            elem = out[start + head_numel :] if has_elem else None
+            _store(self, last, known, head, elem, nbytes)
         parts, counts = self._parts, self._counts
         self._parts, self._counts = [], None
         col = self.collector
@@ -135,9 +143,9 @@ def _elementwise(col: GradientMomentCollector, known: list[int]) -> Tensor | Non
     return torch.cat([parts[i].reshape(-1) for i in known])
 
 
-def _store(state: GradNoiseCommState, bucket: dist.GradBucket, known: list[int], head: Tensor, elem: Tensor | None, nbytes: int) -> None:
+def _store(state: GradNoiseCommState, last: bool, known: list[int], head: Tensor, elem: Tensor | None, nbytes: int) -> None:
     state._parts.append((known, head[: len(known)], elem, nbytes))
-    if bucket.is_last():
+    if last:
         k, inv, total = head[len(known) :].tolist()
         state._counts = (int(round(k)), inv, total)
 
@@ -180,11 +188,11 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
         packed = torch.cat([buffer.div_(world)] + [e.to(buffer.dtype) for e in extras])
         fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
 
+        last, nbytes = bucket.is_last(), (packed.numel() - n) * packed.element_size()
+
         def unpack(f: torch.futures.Future) -> Tensor:
             out = f.value()[0]
-            h = out[n : n + head.numel()]
-            e = out[n + head.numel() :] if elem is not None else None
-            _store(state, bucket, known, h, e, (packed.numel() - n) * packed.element_size())
+            state._raw.append((last, known, out, n, head.numel(), elem is not None, nbytes))
             return out[:n]
 
         return fut.then(unpack)
@@ -199,12 +207,12 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
     else:
         grad_fut = dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future().then(lambda f: f.value()[0])
 
+    last = bucket.is_last()
+
     def finish(f: torch.futures.Future) -> Tensor:
         if small_fut is not None and head is not None:
             out = small_fut.wait()[0]
-            h = out[: head.numel()]
-            e = out[head.numel() :] if elem is not None else None
-            _store(state, bucket, known, h, e, small.numel() * small.element_size())
+            state._raw.append((last, known, out, 0, head.numel(), elem is not None, small.numel() * small.element_size()))
         return f.value()
 
     return grad_fut.then(finish)
