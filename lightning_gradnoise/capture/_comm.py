@@ -69,7 +69,7 @@ class GradNoiseCommState:
         self._counts: tuple[int, float, float] | None = None
         # reduced buffers as the collectives left them, parsed in take() on the training thread
         # rather than in the futures' callbacks (which hold the GIL on the communication thread)
-        self._raw: list[tuple[bool, list[int], Tensor, int, int, bool, int]] = []
+        self._raw: list[tuple[bool, list[int], Tensor | torch.futures.Future, int, int, bool, int]] = []
         self.last_packed_bytes = 0
         """Bytes this process added to the collectives of the last step taken."""
         if collector is not None:
@@ -85,6 +85,8 @@ class GradNoiseCommState:
         """The moments reduced since the last call, or ``None`` if no all-reduce carried them."""
         raw, self._raw = self._raw, []
         for last, known, out, start, head_numel, has_elem, nbytes in raw:
+            if not isinstance(out, Tensor):  # a small all-reduce beside a bucket, not waited for yet
+                out = out.wait()[0]
             head = out[start : start + head_numel]
             elem = out[start + head_numel :] if has_elem else None
             _store(self, last, known, head, elem, nbytes)
@@ -207,15 +209,9 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
     else:
         grad_fut = dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future().then(lambda f: f.value()[0])
 
-    last = bucket.is_last()
-
-    def finish(f: torch.futures.Future) -> Tensor:
-        if small_fut is not None and head is not None:
-            out = small_fut.wait()[0]
-            state._raw.append((last, known, out, 0, head.numel(), elem is not None, small.numel() * small.element_size()))
-        return f.value()
-
-    return grad_fut.then(finish)
+    if small_fut is not None and head is not None:  # waited for in take(), on the training thread
+        state._raw.append((bucket.is_last(), known, small_fut, 0, head.numel(), elem is not None, small.numel() * small.element_size()))
+    return grad_fut
 
 
 # DDP checks a hook's annotations as objects; this module's postponed (string) annotations would fail it.
