@@ -92,6 +92,7 @@ class BatchSizeAdapter(CallbackBase):
         self.decisions: list[tuple[int, str]] = []
         self._seen: Any = None
         self._restored: Optional[dict] = None
+        self.lr_adapter: Optional[LRAdapter] = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -145,8 +146,7 @@ class BatchSizeAdapter(CallbackBase):
         if (batch_idx + 1) % k != 0:
             return  # not an optimizer-step boundary
         latest = self.monitor.latest
-        lr_adapter = getattr(self, "lr_adapter", None)
-        lr_moved = lr_adapter is not None and lr_adapter.controller.last_change == trainer.global_step > 0
+        lr_moved = self.lr_adapter is not None and self.lr_adapter.controller.last_change == trainer.global_step > 0
         if latest is not self._seen and "gr_s" in latest and not lr_moved:  # one adapter moves per step
             self._seen = latest
             controller = self._ensure_controller(trainer, self.monitor._micro_size or 1)
@@ -222,6 +222,7 @@ class LRAdapter(CallbackBase):
         self.lr_scale = 1.0
         self.decisions: list[tuple[int, str]] = []
         self._seen: Any = None
+        self.batch_adapter: Optional[BatchSizeAdapter] = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
@@ -233,7 +234,7 @@ class LRAdapter(CallbackBase):
         if latest is self._seen or "gr_t" not in latest:
             return
         self._seen = latest
-        batch = getattr(self, "batch_adapter", None)
+        batch = self.batch_adapter
         if batch is not None and batch.last_change > 0 and trainer.global_step - batch.last_change < self.controller.cooldown:
             return  # GR_T's EMAs still span the batch before the change: wait a cooldown
         decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step)

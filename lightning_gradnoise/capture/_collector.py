@@ -311,6 +311,15 @@ class GradientMomentCollector:
             sizes = sizes[: len(scales)]
         return (self._squared(norms, scales).sum(0), len(scales), *size_sums(sizes))
 
+    def open_group_sums(self, indices: list[int], dtype: torch.dtype) -> tuple[Tensor | None, int, float, float]:
+        r"""The :meth:`local_sums` of a process whose only group is the open one, for the tensors
+        ``indices`` recorded so far (``None`` if there are none), in ``dtype``: one stack and two
+        in-place kernels, for a communication hook that runs once per bucket."""
+        if self.num_groups or self._scale is None:
+            raise RuntimeError("open_group_sums() needs exactly one group, still open")
+        sq = torch.stack([self._current[i] for i in indices]).to(dtype).square_().mul_(self._scale**2) if indices else None
+        return (sq, 1, *size_sums(self._group_sizes[-1:]))
+
     def elementwise_sq_sum(self) -> list[Tensor]:
         r""":math:`\sum_j g_j^2` per parameter tensor (zeros for a tensor that got no gradient)."""
         if not self.elementwise:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gradnoise.capture._collector import GradientMomentCollector, size_sums
+from lightning_gradnoise.capture._collector import GradientMomentCollector
 
 __all__ = ["PACK_LIMIT", "ReducedMoments", "GradNoiseCommState", "gradnoise_comm_hook"]
 
@@ -65,8 +65,6 @@ class GradNoiseCommState:
         self.inner_state = inner_state
         self.collector: GradientMomentCollector | None = None
         self._index: dict[int, int] = {}
-        self._parts: list[tuple[list[int], Tensor, Tensor | None, int]] = []
-        self._counts: tuple[int, float, float] | None = None
         # reduced buffers as the collectives left them, parsed in take() on the training thread
         # rather than in the futures' callbacks (which hold the GIL on the communication thread)
         self._raw: list[tuple[bool, list[int], Tensor | torch.futures.Future, int, int, bool, int]] = []
@@ -79,19 +77,21 @@ class GradNoiseCommState:
         """Read local moments from ``collector`` (``None`` unbinds: the hook then only reduces)."""
         self.collector = collector
         self._index = {} if collector is None else {id(p): i for i, p in enumerate(collector.params)}
-        self._parts, self._counts, self._raw = [], None, []
+        self._raw = []
 
     def take(self) -> ReducedMoments | None:
         """The moments reduced since the last call, or ``None`` if no all-reduce carried them."""
         raw, self._raw = self._raw, []
+        parts: list[tuple[list[int], Tensor, Tensor | None, int]] = []
+        counts: tuple[int, float, float] | None = None
         for last, known, out, start, head_numel, has_elem, nbytes in raw:
             if not isinstance(out, Tensor):  # a small all-reduce beside a bucket, not waited for yet
                 out = out.wait()[0]
             head = out[start : start + head_numel]
-            elem = out[start + head_numel :] if has_elem else None
-            _store(self, last, known, head, elem, nbytes)
-        parts, counts = self._parts, self._counts
-        self._parts, self._counts = [], None
+            parts.append((known, head[: len(known)], out[start + head_numel :] if has_elem else None, nbytes))
+            if last:  # the last bucket also carries the three counts
+                k, inv, total = head[len(known) :].tolist()
+                counts = (int(round(k)), inv, total)
         col = self.collector
         if col is None or counts is None:
             self.last_packed_bytes = 0
@@ -115,7 +115,7 @@ class GradNoiseCommState:
         return ReducedMoments(sums, counts[0], counts[1], counts[2], elem, nbytes)
 
 
-def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket) -> tuple[list[int], Tensor, Tensor | None]:
+def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket, buffer_dtype: torch.dtype) -> tuple[list[int], Tensor, Tensor | None]:
     r"""The bucket's tensors (collector indices), their :math:`\sum_j |g_j|^2` (and, in the last
     bucket, the three counts) in the bucket's dtype, and the elementwise moments if asked."""
     col = state.collector
@@ -123,12 +123,11 @@ def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket) -> tuple[
     index = state._index
     idx = [index.get(id(p), -1) for p in bucket.parameters()]
     known = [i for i in idx if i >= 0]
-    dtype = bucket.buffer().dtype if bucket.buffer().dtype in (torch.float32, torch.float64) else torch.float64
+    dtype = buffer_dtype if buffer_dtype in (torch.float32, torch.float64) else torch.float64
     if col.mode == "external" and col.num_groups == 0:  # the bucket holds this process's one group
         grads = bucket.gradients()
         col.record(known, [g for i, g in zip(idx, grads) if i >= 0])
-        head = torch.stack([col._current[i] for i in known]).to(dtype).square_().mul_(col._scale**2) if known else None
-        k, inv, total = 1, *size_sums(col._group_sizes[-1:])
+        head, k, inv, total = col.open_group_sums(known, dtype)
     else:
         sums, k, inv, total = col.local_sums()
         head = sums[known].to(dtype)
@@ -143,13 +142,6 @@ def _elementwise(col: GradientMomentCollector, known: list[int]) -> Tensor | Non
         return None
     parts = col.elementwise_sq_sum()
     return torch.cat([parts[i].reshape(-1) for i in known])
-
-
-def _store(state: GradNoiseCommState, last: bool, known: list[int], head: Tensor, elem: Tensor | None, nbytes: int) -> None:
-    state._parts.append((known, head[: len(known)], elem, nbytes))
-    if last:
-        k, inv, total = head[len(known) :].tolist()
-        state._counts = (int(round(k)), inv, total)
 
 
 def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -180,7 +172,7 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
     if col is None or (col.num_groups == 0 and not col.group_open):  # nothing measured this step
         known, head, elem = [], None, None
     else:
-        known, head, elem = _local_payload(state, bucket)
+        known, head, elem = _local_payload(state, bucket, buffer.dtype)
     n = buffer.numel()
     extras = [] if head is None else [head] + ([elem] if elem is not None else [])
     full_precision = buffer.dtype in (torch.float32, torch.float64)
