@@ -78,6 +78,43 @@ def test_lr_rule_steps_in_proportion_to_the_distance_from_target() -> None:
         LRController(gain=0.0)
 
 
+def test_auto_gr_t_target_is_lemma_1_at_the_sgd_optimal_learning_rate() -> None:
+    """target='auto': Eq. 19 at r = mu/B and lambda*eta = 1/(1 + r) (McCandlish Eq. 2.7 with
+    eps_max = 1/lambda), capped to Eq. 19's domain q >= 0; at r = 1 it is the paper's ~20 (23.0)."""
+    from lightning_gradnoise.control import gr_t_target
+    from lightning_gradnoise.stats import gr_t_expected
+
+    assert gr_t_target(1.0) == pytest.approx(float(gr_t_expected(1.0, 0.5)), rel=1e-12)
+    assert gr_t_target(1.0) == pytest.approx(23.0, abs=0.05)
+    for r in (0.5, 2.0, 4.0, 16.0):
+        assert gr_t_target(r) == pytest.approx(float(gr_t_expected(r, 1 / (1 + r))), rel=1e-12)
+    assert gr_t_target(0.2) == pytest.approx(float(gr_t_expected(0.2, 0.6)), rel=1e-12)  # capped: (1 + r)/2
+    values = [gr_t_target(r) for r in (0.0, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)]
+    assert all(5 < v < 50 for v in values) and values == sorted(values)  # flat, where Eq. 19 at x = 1/2 is not
+    assert float(gr_t_expected(16.0, 0.5)) > 1000
+    c = LRController(target="auto", tolerance=1.5, step_factor=2.0, cooldown=0)
+    assert c.decide(20.0, 1.0, step=1, mu_over_b=4.0).value == pytest.approx((gr_t_target(4.0) / 20.0) ** 0.5)
+    assert c.decide(20.0, 1.0, step=2, mu_over_b=1.0).changed is False  # 20 is near 23
+    assert c.decide(20.0, 1.0, step=3, mu_over_b=0.05).value < 1.0  # a large batch expects a lower GR_T
+    assert c.decide(20.0, 1.0, step=4).changed is False and "B_simple" in c.decide(20.0, 1.0, step=4).reason
+    with pytest.raises(ValueError, match="target='best'"):
+        LRController(target="best")
+
+
+def test_batch_adapter_keeps_two_groups_on_one_device() -> None:
+    """On one device the batch never drops to one micro-batch (no second group: B_simple would
+    freeze), whatever min_batch says; under DDP the devices are the groups."""
+    assert BatchSizeAdapter().batch_bounds(16, 1) == (16, 32, 16 * 1024)
+    assert BatchSizeAdapter(min_batch=16).batch_bounds(16, 1)[1] == 32
+    assert BatchSizeAdapter(max_batch=16).batch_bounds(16, 1)[1:] == (32, 32)
+    with pytest.raises(ValueError, match="min_batch=64"):
+        BatchSizeAdapter(min_batch=64, max_batch=16)
+    assert BatchSizeAdapter().batch_bounds(16, 2) == (32, 32, 32 * 1024)
+    unit, lo, hi = BatchSizeAdapter().batch_bounds(16, 1)
+    c = BatchSizeController(unit=unit, min_batch=lo, max_batch=hi, cooldown=0)
+    assert c.decide(0.1, 64, step=1).value == 32 and c.decide(0.1, 32, step=2).changed is False
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -158,6 +195,8 @@ def test_adapters_need_the_monitor() -> None:
     model = linreg_module("lightning.pytorch", LinRegTruth(d=3), lr=0.1, n_batches=8)
     with pytest.raises(MisconfigurationError, match="GradNoiseMonitor"):
         L.Trainer(**trainer_kwargs(accumulate_grad_batches=2, callbacks=[BatchSizeAdapter()])).fit(model)
+    with pytest.raises(MisconfigurationError, match="target='auto'"):
+        L.Trainer(**trainer_kwargs(accumulate_grad_batches=2, callbacks=[GradNoiseMonitor(statistics=("gr_t",)), LRAdapter(target="auto")])).fit(model)
     with pytest.raises(MisconfigurationError, match="power of two"):
         L.Trainer(**trainer_kwargs(accumulate_grad_batches=3, callbacks=[GradNoiseMonitor(), BatchSizeAdapter()])).fit(model)
 

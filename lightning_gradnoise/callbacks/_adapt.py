@@ -63,8 +63,10 @@ class BatchSizeAdapter(CallbackBase):
     overrides the detection). Needs a :class:`GradNoiseMonitor` measuring ``gr_s``.
 
     Args:
-        min_batch, max_batch: bounds on the global batch (default: one micro-batch per device, and
-            1024 micro-batches per device).
+        min_batch, max_batch: bounds on the global batch (default: the smallest batch the monitor
+            can still measure, and 1024 micro-batches per device). On one device the batch never
+            goes below two micro-batches, whatever ``min_batch`` says: with one, there is no
+            second gradient group and :math:`B_\text{simple}` would stop updating.
         band, hysteresis, cooldown, max_factor: see
             :class:`~lightning_gradnoise.control.BatchSizeController`.
         lr_rule: ``"auto"``, ``"sgd"``, ``"adam"``, or ``None`` to leave the learning rate alone.
@@ -82,6 +84,11 @@ class BatchSizeAdapter(CallbackBase):
     ) -> None:
         if lr_rule not in ("auto", "sgd", "adam", None):
             raise ValueError(f"lr_rule={lr_rule!r} is invalid: expected 'auto', 'sgd', 'adam' or None")
+        for name, value in (("min_batch", min_batch), ("max_batch", max_batch)):
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1 or None")
+        if min_batch is not None and max_batch is not None and min_batch > max_batch:
+            raise ValueError(f"min_batch={min_batch!r} is above max_batch={max_batch!r}: expected min_batch <= max_batch")
         BatchSizeController(unit=1, min_batch=1, max_batch=1, band=band, hysteresis=hysteresis, cooldown=cooldown, max_factor=max_factor)
         self.min_batch, self.max_batch, self.max_factor = min_batch, max_batch, max_factor
         self.band, self.hysteresis, self.cooldown, self.lr_rule = tuple(band), hysteresis, cooldown, lr_rule
@@ -116,13 +123,22 @@ class BatchSizeAdapter(CallbackBase):
             return self.controller.last_change
         return int(self._restored["controller"]["last_change"]) if self._restored else 0
 
+    def batch_bounds(self, micro: int, world_size: int) -> tuple[int, int, int]:
+        """``(unit, min_batch, max_batch)`` for this micro-batch and number of devices.
+
+        The floor keeps at least two gradient groups per step (two micro-batches on one device),
+        the least the monitor needs to keep measuring :math:`B_\text{simple}`."""
+        unit = micro * world_size
+        floor = unit * 2 if world_size == 1 else unit
+        return unit, max(self.min_batch or floor, floor), max(self.max_batch or unit * 1024, floor)
+
     def _ensure_controller(self, trainer: Any, micro: int) -> BatchSizeController:
         if self.controller is None:
-            unit = micro * trainer.world_size
+            unit, min_batch, max_batch = self.batch_bounds(micro, trainer.world_size)
             self.controller = BatchSizeController(
                 unit=unit,
-                min_batch=self.min_batch or unit,
-                max_batch=self.max_batch or unit * 1024,
+                min_batch=min_batch,
+                max_batch=max_batch,
                 band=self.band,
                 hysteresis=self.hysteresis,
                 cooldown=self.cooldown,
@@ -212,13 +228,16 @@ class LRAdapter(CallbackBase):
     Composes with LR schedulers (:func:`scale_learning_rate`) and with :class:`BatchSizeAdapter`:
     after a batch change (which rescales the learning rate itself) it waits one cooldown, since
     :math:`GR_T`'s EMAs still span the old batch, and the two never move in the same step.
-    Needs a :class:`GradNoiseMonitor` measuring ``gr_t``.
+    Needs a :class:`GradNoiseMonitor` measuring ``gr_t``, and ``b_simple`` too for
+    ``target="auto"`` (the target of :func:`~lightning_gradnoise.control.gr_t_target` at the
+    measured :math:`B_\text{simple}/B` instead of a fixed one).
     """
 
-    def __init__(self, target: float = 20.0, tolerance: float = 1.5, step_factor: float = 1.5, cooldown: int = 50,
+    def __init__(self, target: float | str = 20.0, tolerance: float = 1.5, step_factor: float = 1.5, cooldown: int = 50,
                  min_scale: float = 1e-3, max_scale: float = 1e3, gain: float = 0.5) -> None:
         self.controller = LRController(target=target, tolerance=tolerance, step_factor=step_factor, cooldown=cooldown,
                                        min_scale=min_scale, max_scale=max_scale, gain=gain)
+        self.target = target
         self.lr_scale = 1.0
         self.decisions: list[tuple[int, str]] = []
         self._seen: Any = None
@@ -227,6 +246,12 @@ class LRAdapter(CallbackBase):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self.monitor = _monitor(trainer, "gr_t", "LRAdapter")
+            if self.target == "auto" and "b_simple" not in self.monitor.statistics:
+                raise MisconfigurationError(
+                    "LRAdapter(target='auto') sets GR_T's target from B_simple: measure it too, "
+                    "GradNoiseMonitor(statistics=('b_simple', 'gr_t', ...)), or give a number as target"
+                )
+            self.controller.beta = self.monitor.gr_t_beta
             self.batch_adapter = next((cb for cb in trainer.callbacks if isinstance(cb, BatchSizeAdapter)), None)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -237,7 +262,8 @@ class LRAdapter(CallbackBase):
         batch = self.batch_adapter
         if batch is not None and batch.last_change > 0 and trainer.global_step - batch.last_change < self.controller.cooldown:
             return  # GR_T's EMAs still span the batch before the change: wait a cooldown
-        decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step)
+        mu_over_b = latest.get("b_simple", float("nan")) / (latest.get("batch_size") or float("nan"))
+        decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step, mu_over_b)
         new_scale, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
         if not changed:
             return

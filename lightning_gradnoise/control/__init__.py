@@ -6,7 +6,8 @@ from lightning_gradnoise.control._controllers import (
     BatchSizeController,
     Decision,
     LRController,
+    gr_t_target,
     lr_rule_for,
 )
 
-__all__ = ["ADAM_STYLE", "SGD_STYLE", "BatchSizeController", "Decision", "LRController", "lr_rule_for"]
+__all__ = ["ADAM_STYLE", "SGD_STYLE", "BatchSizeController", "Decision", "LRController", "gr_t_target", "lr_rule_for"]

@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr_s, check_band
+from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr_s, check_band, gr_t_expected
 from lightning_gradnoise.stats import gr_s as gr_s_at
 
-__all__ = ["Decision", "BatchSizeController", "LRController", "lr_rule_for", "ADAM_STYLE", "SGD_STYLE"]
+__all__ = ["Decision", "BatchSizeController", "LRController", "gr_t_target", "lr_rule_for", "ADAM_STYLE", "SGD_STYLE"]
 
 ADAM_STYLE = ("adam", "adamw", "nadam", "radam", "adamax", "lamb", "adafactor", "vradam", "vradamw", "vrlamb", "lion")
 SGD_STYLE = ("sgd", "lars", "vrsgd", "vrmomentum", "vrlars", "rmsprop", "adagrad")
@@ -143,9 +143,35 @@ class BatchSizeController:
         self.last_change = int(state["last_change"])
 
 
+def gr_t_target(mu_over_b: float, beta: float = 0.9) -> float:
+    r"""The :math:`GR_T` to expect at the SGD-optimal learning rate, for :math:`r = \mu/B`.
+
+    GR-Gauge's "about 20" is Lemma 1 (Eq. 19) at :math:`B = \mu` and :math:`\bar\lambda\eta = 1/2`.
+    That :math:`\eta` is McCandlish's optimum (Eq. 2.7, :math:`\epsilon_\text{max} = 1/\bar\lambda`)
+    at :math:`B = B_\text{noise}`; at any batch the optimum is :math:`\bar\lambda\eta = 1/(1+r)`,
+    and Eq. 19 there gives the target (capped to Eq. 19's domain, :math:`\bar\lambda\eta \le (1+r)/2`,
+    below :math:`r \approx 0.41`). It stays between about 5 (:math:`r \to 0`) and 50
+    (:math:`r = 20`), where Eq. 19 at a fixed :math:`\bar\lambda\eta = 1/2` spans 5 to thousands.
+
+    Example:
+        >>> round(gr_t_target(1.0), 1)    # B = mu: the paper's value
+        23.0
+        >>> round(gr_t_target(4.0), 1)    # B = mu / 4
+        36.8
+    """
+    if not (math.isfinite(mu_over_b) and mu_over_b >= 0):
+        raise ValueError(f"mu_over_b={mu_over_b!r} must be finite and >= 0")
+    x = min(1.0 / (1.0 + mu_over_b), (1.0 + mu_over_b) / 2.0)
+    return float(gr_t_expected(mu_over_b, x, beta))
+
+
 @dataclass
 class LRController:
     r"""Moves a learning-rate multiplier toward :math:`GR_T \approx` ``target``.
+
+    ``target="auto"`` takes the target from the current :math:`r = B_\text{simple}/B` instead
+    (:func:`gr_t_target`: Lemma 1 at the SGD-optimal learning rate for that batch), which
+    :meth:`decide` then needs as ``mu_over_b``.
 
     Outside ``[target / tolerance, target * tolerance]`` the multiplier changes by
     :math:`(\text{target}/GR_T)^\text{gain}`, bounded to ``[1/step_factor, step_factor]`` per
@@ -158,20 +184,25 @@ class LRController:
         >>> c = LRController(step_factor=2.0)
         >>> c.decide(gr_t=80.0, scale=1.0, step=100).value   # GR_T 4x too high: learning rate / 2
         0.5
+        >>> LRController(target="auto").decide(gr_t=20.0, scale=1.0, step=100, mu_over_b=4.0).reason
+        'GR_T 20.0 below 36.8: raise the learning rate: x1.36'
     """
 
-    target: float = GR_T_TARGET
+    target: float | str = GR_T_TARGET
     tolerance: float = 1.5
     step_factor: float = 1.5
     cooldown: int = 50
     min_scale: float = 1e-3
     max_scale: float = 1e3
     gain: float = 0.5
+    beta: float = 0.9  # GR_T's EMA decay, for target="auto"
     last_change: int = 0  # the first decision waits one cooldown: the EMAs need steps first
 
     def __post_init__(self) -> None:
-        if not self.target > 1:
-            raise ValueError(f"target={self.target!r} must be > 1 (GR_T >= 1 always)")
+        if self.target != "auto" and not (isinstance(self.target, (int, float)) and self.target > 1):
+            raise ValueError(f"target={self.target!r} must be a number > 1 (GR_T >= 1 always) or 'auto'")
+        if not (0.0 < self.beta < 1.0):
+            raise ValueError(f"beta={self.beta!r} is out of range: expected 0 < beta < 1")
         if not self.tolerance > 1:
             raise ValueError(f"tolerance={self.tolerance!r} must be > 1")
         if not self.step_factor > 1:
@@ -183,18 +214,26 @@ class LRController:
         if not (isinstance(self.cooldown, int) and self.cooldown >= 0):
             raise ValueError(f"cooldown={self.cooldown!r} must be an int >= 0")
 
-    def decide(self, gr_t: float, scale: float, step: int) -> Decision:
+    def decide(self, gr_t: float, scale: float, step: int, mu_over_b: float | None = None) -> Decision:
+        """The multiplier for the next steps, from the current :math:`GR_T` (and, for
+        ``target="auto"``, :math:`r = B_\text{simple}/B`)."""
         if not math.isfinite(gr_t) or gr_t <= 0:
             return Decision(scale, False, "no GR_T estimate yet")
         if step - self.last_change < self.cooldown:
             return Decision(scale, False, f"cooldown until step {self.last_change + self.cooldown}")
-        if gr_t > self.target * self.tolerance:
-            why = f"GR_T {gr_t:.1f} above {self.target:g}: lower the learning rate"
-        elif gr_t < self.target / self.tolerance:
-            why = f"GR_T {gr_t:.1f} below {self.target:g}: raise the learning rate"
+        if self.target == "auto":
+            if mu_over_b is None or not (math.isfinite(mu_over_b) and mu_over_b >= 0):
+                return Decision(scale, False, "no B_simple estimate yet for GR_T's target")
+            target = gr_t_target(mu_over_b, self.beta)
         else:
-            return Decision(scale, False, f"GR_T {gr_t:.1f} near {self.target:g}")
-        factor = min(max((self.target / gr_t) ** self.gain, 1 / self.step_factor), self.step_factor)
+            target = float(self.target)
+        if gr_t > target * self.tolerance:
+            why = f"GR_T {gr_t:.1f} above {target:.3g}: lower the learning rate"
+        elif gr_t < target / self.tolerance:
+            why = f"GR_T {gr_t:.1f} below {target:.3g}: raise the learning rate"
+        else:
+            return Decision(scale, False, f"GR_T {gr_t:.1f} near {target:.3g}")
+        factor = min(max((target / gr_t) ** self.gain, 1 / self.step_factor), self.step_factor)
         new = min(max(scale * factor, self.min_scale), self.max_scale)
         if new == scale:
             return Decision(scale, False, why + ", but the scale is at its bound")
