@@ -1,11 +1,13 @@
 """Auto-tuning against a grid of fixed settings: steps and examples to a target training loss.
 
-    python benchmarks/autotune_digits.py [--target 0.15] [--seeds 3] [--max-steps 1000] [--plot autotune.png]
+    python benchmarks/autotune_digits.py [--target 0.15] [--seeds 3] [--max-steps 1000] [--momentum 0.9] [--plot autotune.png]
 
-The digits MLP of examples/digits_monitor.py (SGD, momentum 0.9) on scikit-learn's digits. The
-grid: 4 global batch sizes x 4 learning rates, fixed. The controller (GradNoiseMonitor +
-BatchSizeAdapter + LRAdapter) starts from three poor settings: batch 8x too small, batch 8x too
-large, learning rate 10x too small (against batch 64, lr 0.1). Each run stops when the loss on
+The digits MLP of examples/digits_monitor.py (SGD, momentum 0.9 or ``--momentum``) on
+scikit-learn's digits. The grid: 4 global batch sizes x 4 learning rates, fixed. The controller
+(GradNoiseMonitor + BatchSizeAdapter + LRAdapter) starts from three poor settings: batch 8x too
+small, batch 8x too large, learning rate 10x too small (against batch 64 and the grid's third
+learning rate). Under momentum m the learning rates are those of momentum 0.9 times
+0.1 / (1 - m), the same effective step. Each run stops when the loss on
 the whole training set reaches the target; it counts optimizer steps and examples. Every run is
 repeated with ``--seeds`` seeds (initialization and data order) and reported as the median, since
 one seed of a run this short moves by tens of percent.
@@ -50,7 +52,7 @@ class StopAtTarget(L.Callback):
             trainer.should_stop = True
 
 
-def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt: dict | None, data, seed: int) -> dict:
+def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt: dict | None, data, seed: int, momentum: float = 0.9) -> dict:
     L.seed_everything(seed, verbose=False)
     x, y, train = data(micro, seed)
     stop = StopAtTarget(x, y, target)
@@ -58,21 +60,21 @@ def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt:
     if adapt is not None:
         callbacks += [GradNoiseMonitor(statistics="all", log_every_n_steps=5),
                       BatchSizeAdapter(cooldown=10, max_batch=1024, max_factor=adapt["max_factor"]),
-                      LRAdapter(cooldown=10, step_factor=adapt["step_factor"], gain=adapt["gain"])]
+                      LRAdapter(cooldown=10, step_factor=adapt["step_factor"], gain=adapt["gain"], target=adapt["target"])]
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=10_000, accumulate_grad_batches=batch // micro,
         callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
-    trainer.fit(DigitsMLP(lr), train)
+    trainer.fit(DigitsMLP(lr, momentum=momentum), train)
     final_batch = micro * trainer.accumulate_grad_batches
     return {"batch": batch, "lr": lr, "steps": stop.steps if stop.reached else float("inf"),
             "examples": stop.examples if stop.reached else float("inf"), "final_batch": final_batch}
 
 
-def median_run(seeds: int, *args) -> dict:
+def median_run(seeds: int, *args, momentum: float = 0.9) -> dict:
     """The run repeated over seeds: median steps, examples and final batch."""
-    runs = [run(*args, seed) for seed in range(seeds)]
+    runs = [run(*args, seed, momentum) for seed in range(seeds)]
     out = dict(runs[0])
     for key in ("steps", "examples", "final_batch"):
         out[key] = statistics.median(r[key] for r in runs)
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--max-factor", type=int, default=2, help="BatchSizeAdapter max_factor")
     parser.add_argument("--lr-step-factor", type=float, default=1.5, help="LRAdapter step_factor")
     parser.add_argument("--lr-gain", type=float, default=0.5, help="LRAdapter gain")
+    parser.add_argument("--lr-target", default="20", help="LRAdapter target: a number or 'auto'")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (learning rates scale by 0.1 / (1 - momentum))")
     parser.add_argument("--plot")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -98,12 +102,18 @@ def main() -> None:
         ds = train.dataset
         return ds.tensors[0], ds.tensors[1], train
 
-    adapt = {"max_factor": args.max_factor, "step_factor": args.lr_step_factor, "gain": args.lr_gain}
-    grid = [median_run(args.seeds, b, lr, min(b, 64), args.target, args.max_steps, None, data)
-            for b in (16, 64, 256, 1024) for lr in (0.01, 0.03, 0.1, 0.3)]
-    starts = {"batch 8x too small (8, lr 0.1)": (8, 0.1, 4), "batch 8x too large (512, lr 0.1)": (512, 0.1, 64), "lr 10x too small (64, lr 0.01)": (64, 0.01, 16)}
-    adaptive = {name: median_run(args.seeds, b, lr, micro, args.target, args.max_steps, adapt, data) for name, (b, lr, micro) in starts.items()}
-    print(f"\ndigits MLP, SGD momentum 0.9, steps and examples to training loss {args.target} (inf: not within {args.max_steps} steps), "
+    target = args.lr_target if args.lr_target == "auto" else float(args.lr_target)
+    adapt = {"max_factor": args.max_factor, "step_factor": args.lr_step_factor, "gain": args.lr_gain, "target": target}
+    s = 0.1 / (1.0 - args.momentum)  # the same effective step (lr / (1 - momentum)) as momentum 0.9
+    lrs = [round(lr * s, 6) for lr in (0.01, 0.03, 0.1, 0.3)]
+    grid = [median_run(args.seeds, b, lr, min(b, 64), args.target, args.max_steps, None, data, momentum=args.momentum)
+            for b in (16, 64, 256, 1024) for lr in lrs]
+    # micro-batches of 4 or 16: the batch can shrink to two micro-batches (the monitor's floor)
+    starts = {f"batch 8x too small (8, lr {lrs[2]:g})": (8, lrs[2], 4), f"batch 8x too large (512, lr {lrs[2]:g})": (512, lrs[2], 16),
+              f"lr 10x too small (64, lr {lrs[0]:g})": (64, lrs[0], 16)}
+    adaptive = {name: median_run(args.seeds, b, lr, micro, args.target, args.max_steps, adapt, data, momentum=args.momentum)
+                for name, (b, lr, micro) in starts.items()}
+    print(f"\ndigits MLP, SGD momentum {args.momentum:g}, steps and examples to training loss {args.target} (inf: not within {args.max_steps} steps), "
           f"median of {args.seeds} seeds; adapters: {adapt}")
     print(f"{'run':<36} {'steps':>7} {'examples':>9}")
     for r in grid:

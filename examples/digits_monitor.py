@@ -26,9 +26,9 @@ from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr
 
 
 class DigitsMLP(L.LightningModule):
-    def __init__(self, lr: float = 0.05, hidden: int = 128) -> None:
+    def __init__(self, lr: float = 0.05, hidden: int = 128, momentum: float = 0.9) -> None:
         super().__init__()
-        self.lr = lr
+        self.lr, self.momentum = lr, momentum
         self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 10))
 
     def training_step(self, batch, batch_idx):
@@ -42,7 +42,7 @@ class DigitsMLP(L.LightningModule):
         self.log("val/acc", (self.net(x).argmax(-1) == y).float().mean())
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 def digits_loaders(micro_batch: int, seed: int = 0) -> tuple[DataLoader, DataLoader]:
