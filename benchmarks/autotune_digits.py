@@ -7,7 +7,7 @@ scikit-learn's digits. The grid: 4 global batch sizes x 4 learning rates, fixed.
 (GradNoiseMonitor + BatchSizeAdapter + LRAdapter) starts from three poor settings: batch 8x too
 small, batch 8x too large, learning rate 10x too small (against batch 64 and the grid's third
 learning rate). Under momentum m the learning rates are those of momentum 0.9 times
-0.1 / (1 - m), the same effective step. Each run stops when the loss on
+(1 - m) / 0.1, the same effective step lr / (1 - m). Each run stops when the loss on
 the whole training set reaches the target; it counts optimizer steps and examples. Every run is
 repeated with ``--seeds`` seeds (initialization and data order) and reported as the median, since
 one seed of a run this short moves by tens of percent.
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--lr-step-factor", type=float, default=1.5, help="LRAdapter step_factor")
     parser.add_argument("--lr-gain", type=float, default=0.5, help="LRAdapter gain")
     parser.add_argument("--lr-target", default="20", help="LRAdapter target: a number or 'auto'")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (learning rates scale by 0.1 / (1 - momentum))")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (learning rates scale by (1 - momentum) / 0.1)")
     parser.add_argument("--plot")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -104,7 +104,7 @@ def main() -> None:
 
     target = args.lr_target if args.lr_target == "auto" else float(args.lr_target)
     adapt = {"max_factor": args.max_factor, "step_factor": args.lr_step_factor, "gain": args.lr_gain, "target": target}
-    s = 0.1 / (1.0 - args.momentum)  # the same effective step (lr / (1 - momentum)) as momentum 0.9
+    s = (1.0 - args.momentum) / 0.1  # the same effective step, lr / (1 - momentum), as momentum 0.9
     lrs = [round(lr * s, 6) for lr in (0.01, 0.03, 0.1, 0.3)]
     grid = [median_run(args.seeds, b, lr, min(b, 64), args.target, args.max_steps, None, data, momentum=args.momentum)
             for b in (16, 64, 256, 1024) for lr in lrs]
