@@ -237,7 +237,6 @@ class LRAdapter(CallbackBase):
                  min_scale: float = 1e-3, max_scale: float = 1e3, gain: float = 0.5) -> None:
         self.controller = LRController(target=target, tolerance=tolerance, step_factor=step_factor, cooldown=cooldown,
                                        min_scale=min_scale, max_scale=max_scale, gain=gain)
-        self.target = target
         self.lr_scale = 1.0
         self.decisions: list[tuple[int, str]] = []
         self._seen: Any = None
@@ -246,7 +245,7 @@ class LRAdapter(CallbackBase):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self.monitor = _monitor(trainer, "gr_t", "LRAdapter")
-            if self.target == "auto" and "b_simple" not in self.monitor.statistics:
+            if self.controller.target == "auto" and "b_simple" not in self.monitor.statistics:
                 raise MisconfigurationError(
                     "LRAdapter(target='auto') sets GR_T's target from B_simple: measure it too, "
                     "GradNoiseMonitor(statistics=('b_simple', 'gr_t', ...)), or give a number as target"
