@@ -128,19 +128,22 @@ class GradientMomentCollector:
         if attached:
             self.attach()
 
-    def record(self, indices: list[int], grads: list[Tensor]) -> None:
-        """Take the open group's gradients of the tensors ``indices`` (``mode="external"``)."""
+    def record(self, indices: list[int], grads: list[Tensor]) -> list[Tensor]:
+        """Take the open group's gradients of the tensors ``indices`` (``mode="external"``).
+        Returns their raw norms (empty if no group is open)."""
         if self._scale is None or not indices:
-            return
-        self._take(indices, grads)
+            return []
+        return self._take(indices, grads)
 
-    def _take(self, indices: list[int], grads: list[Tensor]) -> None:
+    def _take(self, indices: list[int], grads: list[Tensor]) -> list[Tensor]:
         """The open group's norms of tensors ``indices`` (one multi-tensor kernel) and, if asked,
-        their scaled squares into the elementwise buffers."""
-        for i, norm in zip(indices, torch._foreach_norm(grads)):
+        their scaled squares into the elementwise buffers. Returns the raw norms."""
+        norms = torch._foreach_norm(grads)
+        for i, norm in zip(indices, norms):
             self._current[i] = norm
         if self.elementwise:
             self._square_into(indices, grads)
+        return list(norms)
 
     def _square_into(self, indices: Iterable[int], grads: list[Tensor]) -> None:
         bufs = [self._sq_buffer(i, g) for i, g in zip(indices, grads)]
@@ -264,6 +267,11 @@ class GradientMomentCollector:
         return buf
 
     # -- results ------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float | None:
+        """The open group's factor from raw to mean gradient (``None``: no group is open)."""
+        return self._scale
+
     @property
     def group_open(self) -> bool:
         """Whether :meth:`begin_group` was called and :meth:`end_group` not yet."""

@@ -67,7 +67,8 @@ class GradNoiseCommState:
         self._index: dict[int, int] = {}
         # reduced buffers as the collectives left them, parsed in take() on the training thread
         # rather than in the futures' callbacks (which hold the GIL on the communication thread)
-        self._raw: list[tuple[bool, list[int], Tensor | torch.futures.Future, int, int, bool, int]] = []
+        self._raw: list[tuple[bool, list[int], list[int], Tensor | torch.futures.Future, int, int, bool, int]] = []
+        self._world: tuple[Any, int] | None = None
         self.last_packed_bytes = 0
         """Bytes this process added to the collectives of the last step taken."""
         if collector is not None:
@@ -84,11 +85,11 @@ class GradNoiseCommState:
         raw, self._raw = self._raw, []
         parts: list[tuple[list[int], Tensor, Tensor | None, int]] = []
         counts: tuple[int, float, float] | None = None
-        for last, known, out, start, head_numel, has_elem, nbytes in raw:
+        for last, known, elem_known, out, start, head_numel, has_elem, nbytes in raw:
             if not isinstance(out, Tensor):  # a small all-reduce beside a bucket, not waited for yet
                 out = out.wait()[0]
             head = out[start : start + head_numel]
-            parts.append((known, head[: len(known)], out[start + head_numel :] if has_elem else None, nbytes))
+            parts.append((known, head[: len(known)], out[start + head_numel :] if has_elem else None, nbytes, elem_known))
             if last:  # the last bucket also carries the three counts
                 k, inv, total = head[len(known) :].tolist()
                 counts = (int(round(k)), inv, total)
@@ -101,40 +102,48 @@ class GradNoiseCommState:
             sums = parts[0][1].to(torch.float64)  # one bucket holds every tensor (small models)
         else:
             sums = torch.zeros(n, dtype=torch.float64, device=col.params[0].device)
-            for known, head, _, _ in parts:
+            for known, head, *_ in parts:
                 sums[known] = head.to(torch.float64)
         elem = None
-        if col.elementwise and any(e is not None for _, _, e, _ in parts):
+        if col.elementwise and any(e is not None for _, _, e, *_ in parts):
             elem = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for p in col.params]
-            for known, _, flat, _ in parts:
+            for _, _, flat, _, elem_known in parts:
                 if flat is not None:
-                    for i, piece in zip(known, torch.split(flat, [elem[i].numel() for i in known])):
+                    for i, piece in zip(elem_known, torch.split(flat, [elem[i].numel() for i in elem_known])):
                         elem[i].copy_(piece.view_as(elem[i]))
-        nbytes = sum(b for *_, b in parts)
+        nbytes = sum(part[3] for part in parts)
         self.last_packed_bytes = nbytes
         return ReducedMoments(sums, counts[0], counts[1], counts[2], elem, nbytes)
 
 
-def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket, buffer_dtype: torch.dtype) -> tuple[list[int], Tensor, Tensor | None]:
-    r"""The bucket's tensors (collector indices), their :math:`\sum_j |g_j|^2` (and, in the last
-    bucket, the three counts) in the bucket's dtype, and the elementwise moments if asked."""
+def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket, buffer_dtype: torch.dtype) -> tuple[list[int], list[Tensor], list[int], Tensor | None]:
+    r"""The bucket's tensors as collector indices in parameter order, the payload's head (their
+    :math:`\sum_j |g_j|^2` in that order and, in the last bucket, the three counts) as pieces in
+    the bucket's dtype, the tensors in bucket order, and the elementwise moments if asked."""
     col = state.collector
     assert col is not None
     index = state._index
     idx = [index.get(id(p), -1) for p in bucket.parameters()]
     known = [i for i in idx if i >= 0]
+    # DDP fills buckets in reverse parameter order: sending the head in parameter order lets
+    # take() use a one-bucket model's sums as they arrive
+    order = sorted(range(len(known)), key=known.__getitem__)
+    head_known = [known[j] for j in order]
     dtype = buffer_dtype if buffer_dtype in (torch.float32, torch.float64) else torch.float64
+    pieces: list[Tensor] = []
     if col.mode == "external" and col.num_groups == 0:  # the bucket holds this process's one group
         grads = bucket.gradients()
-        col.record(known, [g for i, g in zip(idx, grads) if i >= 0])
-        head, k, inv, total = col.open_group_sums(known, dtype)
+        norms = col.record(known, grads if len(known) == len(idx) else [g for i, g in zip(idx, grads) if i >= 0])
+        _, k, inv, total = col.open_group_sums([], dtype)
+        if norms:
+            sq = torch.stack([norms[j] for j in order]).to(dtype).square_()
+            pieces.append(sq if col.scale == 1.0 else sq.mul_(col.scale**2))
     else:
         sums, k, inv, total = col.local_sums()
-        head = sums[known].to(dtype)
+        pieces.append(sums[head_known].to(dtype))
     if bucket.is_last():
-        counts = torch.tensor([k, inv, total], dtype=dtype, device=col.params[0].device)
-        head = counts if head is None else torch.cat([head, counts])
-    return known, head, _elementwise(col, known)
+        pieces.append(torch.tensor([k, inv, total], dtype=dtype, device=col.params[0].device))
+    return head_known, pieces, known, _elementwise(col, known)
 
 
 def _elementwise(col: GradientMomentCollector, known: list[int]) -> Tensor | None:
@@ -166,19 +175,22 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
         ...  # backward, then: tracker.finish_step(reduced=state.take())
     """
     group = state.process_group if state.process_group is not None else dist.group.WORLD
-    world = dist.get_world_size(group)
+    if state._world is None or state._world[0] is not group:
+        state._world = (group, dist.get_world_size(group))
+    world = state._world[1]
     buffer = bucket.buffer()
     col = state.collector
     if col is None or (col.num_groups == 0 and not col.group_open):  # nothing measured this step
-        known, head, elem = [], None, None
+        known, head, elem_known, elem = [], [], [], None
     else:
-        known, head, elem = _local_payload(state, bucket, buffer.dtype)
+        known, head, elem_known, elem = _local_payload(state, bucket, buffer.dtype)
     n = buffer.numel()
-    extras = [] if head is None else [head] + ([elem] if elem is not None else [])
+    head_numel = sum(h.numel() for h in head)
     full_precision = buffer.dtype in (torch.float32, torch.float64)
-    if state.inner_hook is None and full_precision and not extras:  # DDP's own reduction, in place
+    if state.inner_hook is None and full_precision and not head:  # DDP's own reduction, in place
         return dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future().then(lambda f: f.value()[0])
-    if state.inner_hook is None and full_precision and n + sum(e.numel() for e in extras) <= state.pack_limit:
+    extras = head + ([elem] if elem is not None else [])
+    if state.inner_hook is None and full_precision and n + head_numel + (0 if elem is None else elem.numel()) <= state.pack_limit:
         packed = torch.cat([buffer.div_(world)] + [e.to(buffer.dtype) for e in extras])
         fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
 
@@ -186,7 +198,7 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
 
         def unpack(f: torch.futures.Future) -> Tensor:
             out = f.value()[0]
-            state._raw.append((last, known, out, n, head.numel(), elem is not None, nbytes))
+            state._raw.append((last, known, elem_known, out, n, head_numel, elem is not None, nbytes))
             return out[:n]
 
         return fut.then(unpack)
@@ -201,8 +213,8 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
     else:
         grad_fut = dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future().then(lambda f: f.value()[0])
 
-    if small_fut is not None and head is not None:  # waited for in take(), on the training thread
-        state._raw.append((bucket.is_last(), known, small_fut, 0, head.numel(), elem is not None, small.numel() * small.element_size()))
+    if small is not None:  # waited for in take(), on the training thread
+        state._raw.append((bucket.is_last(), known, elem_known, small_fut, 0, head_numel, elem is not None, small.numel() * small.element_size()))
     return grad_fut
 
 

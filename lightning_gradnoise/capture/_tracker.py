@@ -27,15 +27,43 @@ STATISTICS = ("b_simple", "gr_s", "gr_t", "gsnr")
 
 
 class _Pending(NamedTuple):
-    """One step not yet folded into the EMAs: per-tensor norms as captured (``row``: each row of
-    groups, then the step's gradient; each group row weighted by ``scales``), the number of groups
-    ``k`` and the weights ``a``, ``c`` of :func:`noise_scale_from_moments`."""
+    """One step not yet folded into the EMAs, as captured: no device sync and no float64 work per
+    step, and each step's 0-d norms are stacked only when many steps are folded at once (on a
+    small model a per-step stack is a large part of the cost).
 
-    row: Tensor
+    ``norms``: each group's per-tensor norms, group-major, each group weighted by ``scales`` (the
+    collector's raw form), or ``None`` when ``sq`` holds :math:`\sum_j |g_j|^2` per tensor already
+    (float64: reduced over processes). ``big``: the step gradient's per-tensor norms. ``k``: the
+    number of groups; ``a``, ``c``: the weights of :func:`noise_scale_from_moments`. A resumed
+    run's entries hold the same values stacked into tensors."""
+
+    norms: list[Tensor] | Tensor | None
+    sq: Tensor | None
+    big: list[Tensor] | Tensor
     k: int
     a: float
     c: float
     scales: tuple[float, ...]
+
+
+def _stack(parts: list[list[Tensor] | Tensor]) -> Tensor:
+    """Lists of 0-d tensors (or 1-D tensors of a resumed run) of equal length as rows, in one stack."""
+    if all(isinstance(p, Tensor) for p in parts):
+        return torch.stack(parts)  # type: ignore[arg-type]
+    flat = [t for p in parts for t in (p if isinstance(p, list) else p.unbind())]
+    return torch.stack(flat).view(len(parts), -1)
+
+
+def _saved_entry(entry: _Pending) -> dict[str, Any]:
+    def cpu(x: list[Tensor] | Tensor | None) -> Tensor | None:
+        return None if x is None else (torch.stack(x) if isinstance(x, list) else x).cpu().clone()
+
+    return entry._replace(norms=cpu(entry.norms), sq=cpu(entry.sq), big=cpu(entry.big))._asdict()
+
+
+def _loaded_entry(state: dict[str, Any], device: torch.device) -> _Pending:
+    moved = {key: (v.to(device) if isinstance(v, Tensor) else v) for key, v in state.items()}
+    return _Pending(**{**moved, "scales": tuple(state["scales"])})
 
 
 def needs_groups(statistics: Iterable[str]) -> bool:
@@ -105,6 +133,7 @@ class GradNoiseTracker:
         self._pending: list[_Pending] = []
         self.last_elementwise: tuple[list[Tensor], int] | None = None
         """The last summarized step's global elementwise moments and group count (GSNR)."""
+        self._world: tuple[Any, int] | None = None
         self.last_collective_bytes = 0
         """Bytes this process sent in collectives of its own during the last step (plain DDP)."""
 
@@ -162,9 +191,7 @@ class GradNoiseTracker:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r} is invalid: expected 'mean' or 'sum'")
         col = self.collector
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size(process_group)
+        world = self._world_size(process_group)
         raw = None
         self.last_collective_bytes = 0
         if reduced is not None:
@@ -187,21 +214,20 @@ class GradNoiseTracker:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in col.params]
         if factor != 1.0:
             grads = torch._foreach_mul(grads, factor)
-        big = torch._foreach_norm(grads)
-        # Kept as captured (one stack: the groups' raw norms, then the step's) and folded into
-        # the EMAs later, many steps at once: no device sync and no float64 work per step.
-        # a and c weigh tr(Sigma) in E[S_small] and E[S_big] (NaN: none).
+        big = list(torch._foreach_norm(grads))
+        # a and c weigh tr(Sigma) in E[S_small] and E[S_big] (NaN: none)
         a = inv_size_sum / k if k >= 2 else float("nan")
         c = 1.0 / batch if loss_reduction == "sum" else inv_size_sum / max(k, 1) ** 2
         if raw is not None:
             norms, scales = raw
-            row = torch.stack(norms + list(big))
+            entry = _Pending(norms, None, big, k, a, c, tuple(scales))
         else:
-            row, scales = torch.cat([sums.sqrt(), torch.stack(big).to(sums.dtype)]), [1.0]
-        self._pending.append(_Pending(row, k, a, c, tuple(scales)))
+            entry = _Pending(None, sums, big, k, a, c, (1.0,))
+        self._pending.append(entry)
         finite = None
         if "gr_t" in self.statistics or summarize:
-            finite = bool(torch.isfinite(row).all())  # a sync
+            parts = torch.stack(big if entry.norms is None else entry.norms + big)
+            finite = bool(torch.isfinite(parts).all()) and (entry.sq is None or bool(torch.isfinite(entry.sq).all()))  # a sync
         if "gr_t" in self.statistics and finite:
             self.temporal.update(grads, checked=True)
         if len(self._pending) >= self.max_pending:
@@ -224,25 +250,34 @@ class GradNoiseTracker:
                 layer_gsnr = self._gsnr(grads, k, sq_sum)
         return self._summary(batch, layer_gsnr, per_layer)
 
+    def _world_size(self, process_group: Any) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        if self._world is None or self._world[0] is not process_group:  # the group's size is fixed
+            self._world = (process_group, dist.get_world_size(process_group))
+        return self._world[1]
+
     def _fold(self) -> None:
         """Count the pending steps, turn them into unbiased estimates, fold those into the EMAs."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         n = len(self.names)
-        device = pending[0].row.device
-        sums = torch.empty(len(pending), n, dtype=torch.float64, device=device)
-        big = torch.empty_like(sums)
-        # steps whose rows have the same shape (the same number of captured groups) in one pass
-        by_shape: dict[int, list[int]] = {}
+        device = self.collector.params[0].device
+        big = _stack([e.big for e in pending]).to(device=device, dtype=torch.float64).square_()
+        sums = torch.empty_like(big)
+        summed = [i for i, e in enumerate(pending) if e.norms is None]
+        if summed:
+            sums[torch.tensor(summed, device=device)] = torch.stack([pending[i].sq.to(device) for i in summed]).to(torch.float64)  # type: ignore[union-attr]
+        # steps with the same number of captured groups in one pass
+        by_groups: dict[int, list[int]] = {}
         for i, entry in enumerate(pending):
-            by_shape.setdefault(entry.row.numel(), []).append(i)
-        for numel, idx in by_shape.items():
-            rows = torch.stack([pending[i].row.to(device) for i in idx]).to(torch.float64).view(len(idx), -1, n).square_()
+            if entry.norms is not None:
+                by_groups.setdefault(len(entry.scales), []).append(i)
+        for groups, idx in by_groups.items():
+            rows = _stack([pending[i].norms for i in idx]).to(device=device, dtype=torch.float64).view(len(idx), groups, n).square_()  # type: ignore[misc]
             scales = torch.tensor([pending[i].scales for i in idx], dtype=torch.float64, device=device).square_()
-            at = torch.tensor(idx, device=device)
-            sums[at] = (rows[:, :-1] * scales[:, :, None]).sum(1)
-            big[at] = rows[:, -1]
+            sums[torch.tensor(idx, device=device)] = (rows * scales[:, :, None]).sum(1)
         k, a, c = torch.tensor([(e.k, e.a, e.c) for e in pending], dtype=torch.float64, device=device).unbind(1)
         finite = torch.isfinite(sums).all(1) & torch.isfinite(big).all(1)
         self.skipped_steps += int((~finite).sum())
@@ -288,7 +323,7 @@ class GradNoiseTracker:
         # Pending steps are saved as they are (not folded) so that a resumed run folds at the
         # same steps as an uninterrupted one and logs bit-identical values.
         return {
-            "pending": [e._replace(row=e.row.cpu().clone())._asdict() for e in self._pending],
+            "pending": [_saved_entry(e) for e in self._pending],
             "names": list(self.names),
             "noise_scale": self.noise_scale.state_dict(),
             "temporal": self.temporal.state_dict(),
@@ -303,5 +338,5 @@ class GradNoiseTracker:
         self.temporal.load_state_dict(state["temporal"], device=self.collector.params[0].device)
         self.skipped_steps = int(state["skipped_steps"])
         device = self.collector.params[0].device
-        self._pending = [_Pending(**{**e, "row": e["row"].to(device)}) for e in state.get("pending", [])]
+        self._pending = [_loaded_entry(e, device) for e in state.get("pending", [])]
         self.steps = int(state["steps"])
