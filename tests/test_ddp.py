@@ -70,8 +70,10 @@ def test_trajectory_is_bit_identical_to_plain_ddp_and_plain_ddp_monitor_agrees(t
     plain = launch(tmp_path, "traj", strategy="ddp", monitor=0, **common)
     gn = launch(tmp_path, "traj", strategy="gnddp", **common)  # GSNR moments packed every step
     beside = launch(tmp_path, "traj", strategy="gnddp", pack_limit=0, **common)  # bucket in place, moments beside
+    fused = launch(tmp_path, "traj", strategy="gnddp", fuse_from=0, **common)  # divided into the packed buffer
     ddp_monitor = launch(tmp_path, "traj", strategy="ddp", **common)
     assert gn[0]["weight"] == plain[0]["weight"] == gn[1]["weight"] == beside[0]["weight"] == beside[1]["weight"]
+    assert fused[0]["weight"] == fused[1]["weight"] == plain[0]["weight"] and fused[0]["rows"] == gn[0]["rows"]
     assert beside[0]["rows"] == beside[1]["rows"] and beside[0]["pack_limit"] == 0 < gn[0]["pack_limit"]
     for row_gn, row_beside in zip(gn[0]["rows"], beside[0]["rows"], strict=True):
         for key in ("b_simple", "gr_t", "gsnr", "grad_sq"):

@@ -13,12 +13,18 @@ from lightning_gradnoise.capture._collector import GradientMomentCollector
 
 __all__ = ["PACK_LIMIT", "ReducedMoments", "GradNoiseCommState", "gradnoise_comm_hook"]
 
+_FUSE_FROM = 1 << 16
+"""Buckets of at least this many elements are divided straight into the packed buffer."""
+
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
-PACK_LIMIT = 1 << 18
-"""Default :attr:`GradNoiseCommState.pack_limit`: buckets of at most this many elements (1 MiB in
-float32) carry the moments inside their own all-reduce; bigger ones are reduced in place with
-the moments in a small all-reduce beside them."""
+PACK_LIMIT = 1 << 23
+"""Default :attr:`GradNoiseCommState.pack_limit`: buckets of at most this many elements (32 MiB in
+float32, above DDP's default 25 MB bucket cap) carry the moments inside their own all-reduce;
+bigger ones are reduced in place with the moments in a small all-reduce beside them. Packing
+copies the bucket twice, a second collective costs a round trip between processes: on two CPU
+processes (gloo) with a 2.4 MB bucket, packing cost about half as much
+(``benchmarks/ddp_overhead.py --hidden 1024``)."""
 
 
 @dataclass
@@ -191,7 +197,13 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
         return dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future().then(lambda f: f.value()[0])
     extras = head + ([elem] if elem is not None else [])
     if state.inner_hook is None and full_precision and n + head_numel + (0 if elem is None else elem.numel()) <= state.pack_limit:
-        packed = torch.cat([buffer.div_(world)] + [e.to(buffer.dtype) for e in extras])
+        tail = [e.to(buffer.dtype) for e in extras]
+        if n < _FUSE_FROM:  # few elements: fewest kernels
+            packed = torch.cat([buffer.div_(world)] + tail)
+        else:  # many: the division writes straight into the packed buffer, one pass over the bucket
+            packed = torch.empty(n + sum(t.numel() for t in tail), dtype=buffer.dtype, device=buffer.device)
+            torch.div(buffer, world, out=packed[:n])
+            torch.cat(tail, out=packed[n:])
         fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
 
         last, nbytes = bucket.is_last(), (packed.numel() - n) * packed.element_size()
@@ -203,7 +215,7 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
 
         return fut.then(unpack)
 
-    # A big bucket is reduced in place (packing would copy it twice) and a compression hook or
+    # A bucket above the pack limit is reduced in place (packing copies it twice) and a compression hook or
     # wrapper owns the gradient's collective: the moments go beside it, in the bucket's precision
     # or, beside a low-precision buffer, in float64 so that they never lose range.
     small = torch.cat([e.to(buffer.dtype if full_precision else torch.float64) for e in extras]) if extras else None

@@ -100,6 +100,10 @@ def main() -> None:
         callbacks.append(L.callbacks.ModelCheckpoint(dirpath=opts["ckpt_dir"], save_top_k=-1, every_n_epochs=1))
         extra_kw["enable_checkpointing"] = True
     trainer = L.Trainer(**trainer_kwargs(devices=2, strategy=strategy, accumulate_grad_batches=accumulate, callbacks=callbacks, **extra_kw))
+    if "fuse_from" in opts:  # the packed bucket's division into the packed buffer, at any size
+        import lightning_gradnoise.capture._comm as comm
+
+        comm._FUSE_FROM = int(opts["fuse_from"])
     if "pack_limit" in opts:  # 0: every bucket reduced in place, the moments beside it
         trainer.strategy.gradnoise.pack_limit = int(opts["pack_limit"])
     trainer.fit(model, ckpt_path=opts.get("resume"))
