@@ -76,8 +76,9 @@ class StreamDataset(IterableDataset):
         return self.n_batches
 
 
-def linreg_module(namespace: str, truth: LinRegTruth, lr: float = 0.0, batch: int = 16, n_batches: int = 64):
-    """A LightningModule of the given namespace: one linear layer (no bias) at truth.w0."""
+def linreg_module(namespace: str, truth: LinRegTruth, lr: float = 0.0, batch: int = 16, n_batches: int = 64, reduction: str = "mean"):
+    """A LightningModule of the given namespace: one linear layer (no bias) at truth.w0, its loss
+    averaged (``reduction="mean"``) or summed over the batch."""
     L = ns(namespace)
 
     class LinReg(L.LightningModule):
@@ -89,7 +90,8 @@ def linreg_module(namespace: str, truth: LinRegTruth, lr: float = 0.0, batch: in
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return 0.5 * (self.lin(x).squeeze(-1) - y).square().mean()
+            sq = 0.5 * (self.lin(x).squeeze(-1) - y).square()
+            return sq.sum() if reduction == "sum" else sq.mean()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=lr)

@@ -28,10 +28,12 @@ def launch(tmp_path: Path, scenario: str, **opts) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_frozen_linear_regression_b_simple_and_identical_ranks(tmp_path) -> None:
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_frozen_linear_regression_b_simple_and_identical_ranks(tmp_path, reduction) -> None:
     # 2 devices x 2 micro-batches = 4 groups of 16. 600 steps under an EMA of decay 0.999 average
     # about 450 steps; the per-step noise measured in test_stats_noise_scale puts 4 SE under 5%.
-    ranks = launch(tmp_path, "truth", steps=600, accumulate=2, every=50)
+    # A summed loss reads the step's batch from the reduced counts (the mean needs none of them).
+    ranks = launch(tmp_path, "truth", steps=600, accumulate=2, every=50, reduction=reduction)
     a, b = ranks
     assert a["strategy"].endswith("GradNoiseDDPStrategy")
     assert a["rows"] == b["rows"] and len(a["rows"]) == 12

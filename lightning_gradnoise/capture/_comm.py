@@ -33,13 +33,25 @@ class ReducedMoments:
 
     sq_norm_sums: Tensor
     r""":math:`\sum_j |g_j|^2` per parameter tensor, float64."""
-    num_groups: int
-    inv_size_sum: float
-    size_sum: float
+    counts: Tensor
+    r""":math:`[k, \sum_j 1/b_j, \sum_j b_j]` on the device (not read back, which on a GPU would
+    wait for it: :attr:`num_groups` and the others do)."""
     elementwise: list[Tensor] | None
     r""":math:`\sum_j g_j^2` per parameter tensor, or ``None`` if not asked for this step."""
     packed_bytes: int
     """Bytes this process added to the step's collectives (for the benchmarks)."""
+
+    @property
+    def num_groups(self) -> int:
+        return int(round(float(self.counts[0])))
+
+    @property
+    def inv_size_sum(self) -> float:
+        return float(self.counts[1])
+
+    @property
+    def size_sum(self) -> float:
+        return float(self.counts[2])
 
 
 class GradNoiseCommState:
@@ -90,22 +102,21 @@ class GradNoiseCommState:
         """The moments reduced since the last call, or ``None`` if no all-reduce carried them."""
         raw, self._raw = self._raw, []
         parts: list[tuple[list[int], Tensor, Tensor | None, int]] = []
-        counts: tuple[int, float, float] | None = None
+        counts: Tensor | None = None
         for last, known, elem_known, out, start, head_numel, has_elem, nbytes in raw:
             if not isinstance(out, Tensor):  # a small all-reduce beside a bucket, not waited for yet
                 out = out.wait()[0]
             head = out[start : start + head_numel]
             parts.append((known, head[: len(known)], out[start + head_numel :] if has_elem else None, nbytes, elem_known))
-            if last:  # the last bucket also carries the three counts
-                k, inv, total = head[len(known) :].tolist()
-                counts = (int(round(k)), inv, total)
+            if last:  # the last bucket also carries the three counts (copied: out is bucket-sized)
+                counts = head[len(known) :].to(torch.float64, copy=True)
         col = self.collector
         if col is None or counts is None:
             self.last_packed_bytes = 0
             return None
         n = len(col.params)
         if len(parts) == 1 and len(parts[0][0]) == n and parts[0][0] == list(range(n)):
-            sums = parts[0][1].to(torch.float64)  # one bucket holds every tensor (small models)
+            sums = parts[0][1].to(torch.float64, copy=True)  # one bucket holds every tensor (small models)
         else:
             sums = torch.zeros(n, dtype=torch.float64, device=col.params[0].device)
             for known, head, *_ in parts:
@@ -119,7 +130,7 @@ class GradNoiseCommState:
                         elem[i].copy_(piece.view_as(elem[i]))
         nbytes = sum(part[3] for part in parts)
         self.last_packed_bytes = nbytes
-        return ReducedMoments(sums, counts[0], counts[1], counts[2], elem, nbytes)
+        return ReducedMoments(sums, counts, elem, nbytes)
 
 
 def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket, buffer_dtype: torch.dtype) -> tuple[list[int], list[Tensor], list[int], Tensor | None]:

@@ -34,8 +34,10 @@ class _Pending(NamedTuple):
     ``norms``: each group's per-tensor norms, group-major, each group weighted by ``scales`` (the
     collector's raw form), or ``None`` when ``sq`` holds :math:`\sum_j |g_j|^2` per tensor already
     (float64: reduced over processes). ``big``: the step gradient's per-tensor norms. ``k``: the
-    number of groups; ``a``, ``c``: the weights of :func:`noise_scale_from_moments`. A resumed
-    run's entries hold the same values stacked into tensors."""
+    number of groups; ``a``, ``c``: the weights of :func:`noise_scale_from_moments`, or NaN when
+    ``counts`` holds the reduced :math:`[k, \sum_j 1/b_j, \sum_j b_j]` they are computed from when
+    folded (``summed_loss``: a sum-reduced loss). A resumed run's entries hold the same values
+    stacked into tensors."""
 
     norms: list[Tensor] | Tensor | None
     sq: Tensor | None
@@ -44,6 +46,15 @@ class _Pending(NamedTuple):
     a: float
     c: float
     scales: tuple[float, ...]
+    counts: Tensor | None = None
+    summed_loss: bool = False
+
+
+def _weights(k: int, inv_size_sum: float, batch: float, loss_reduction: str) -> tuple[float, float]:
+    """``a`` and ``c``, which weigh tr(Sigma) in E[S_small] and E[S_big] (NaN: none)."""
+    a = inv_size_sum / k if k >= 2 else float("nan")
+    c = 1.0 / batch if loss_reduction == "sum" else inv_size_sum / max(k, 1) ** 2
+    return a, c
 
 
 def _stack(parts: list[list[Tensor] | Tensor]) -> Tensor:
@@ -58,7 +69,7 @@ def _saved_entry(entry: _Pending) -> dict[str, Any]:
     def cpu(x: list[Tensor] | Tensor | None) -> Tensor | None:
         return None if x is None else (torch.stack(x) if isinstance(x, list) else x).cpu().clone()
 
-    return entry._replace(norms=cpu(entry.norms), sq=cpu(entry.sq), big=cpu(entry.big))._asdict()
+    return entry._replace(norms=cpu(entry.norms), sq=cpu(entry.sq), big=cpu(entry.big), counts=cpu(entry.counts))._asdict()
 
 
 def _loaded_entry(state: dict[str, Any], device: torch.device) -> _Pending:
@@ -194,9 +205,9 @@ class GradNoiseTracker:
         world = self._world_size(process_group)
         raw = None
         self.last_collective_bytes = 0
+        counts = None  # [k, sum 1/b_j, sum b_j] over processes, left on the device
         if reduced is not None:
-            sums, k = reduced.sq_norm_sums, reduced.num_groups
-            inv_size_sum, batch = reduced.inv_size_sum, reduced.size_sum
+            sums, counts = reduced.sq_norm_sums, reduced.counts
         elif world == 1 and (raw := col.raw_norms()) is not None:
             k = col.num_groups
             inv_size_sum, batch = size_sums(col.group_sizes)
@@ -206,8 +217,13 @@ class GradNoiseTracker:
                 packed = torch.cat([sums, sums.new_tensor([k, inv_size_sum, batch])])
                 dist.all_reduce(packed, group=process_group)
                 self.last_collective_bytes = packed.numel() * packed.element_size()
-                sums, (k, inv_size_sum, batch) = packed[:-3], packed[-3:].tolist()
-                k = int(round(k))
+                sums, counts = packed[:-3], packed[-3:]
+        if counts is not None:
+            # Every process runs the same number of backward passes per step, so k is known here;
+            # the reduced counts (checked against it when folded) are not read back per step: on
+            # a GPU that would be a host sync every step.
+            k = world * col.num_groups
+            batch = float(counts[2]) if loss_reduction == "sum" else float("nan")  # "sum": a sync
         # .grad = (1 / (world * divisor)) * sum over groups of g_j (mean) or of b_j g_j (sum)
         total = k if loss_reduction == "mean" else batch
         factor = world * loss_divisor / total if total > 0 else 1.0
@@ -215,14 +231,13 @@ class GradNoiseTracker:
         if factor != 1.0:
             grads = torch._foreach_mul(grads, factor)
         big = list(torch._foreach_norm(grads))
-        # a and c weigh tr(Sigma) in E[S_small] and E[S_big] (NaN: none)
-        a = inv_size_sum / k if k >= 2 else float("nan")
-        c = 1.0 / batch if loss_reduction == "sum" else inv_size_sum / max(k, 1) ** 2
         if raw is not None:
             norms, scales = raw
-            entry = _Pending(norms, None, big, k, a, c, tuple(scales))
+            entry = _Pending(norms, None, big, k, *_weights(k, inv_size_sum, batch, loss_reduction), tuple(scales))
+        elif counts is None:
+            entry = _Pending(None, sums, big, k, *_weights(k, inv_size_sum, batch, loss_reduction), (1.0,))
         else:
-            entry = _Pending(None, sums, big, k, a, c, (1.0,))
+            entry = _Pending(None, sums, big, k, float("nan"), float("nan"), (1.0,), counts, loss_reduction == "sum")
         self._pending.append(entry)
         finite = None
         if "gr_t" in self.statistics or summarize:
@@ -248,6 +263,8 @@ class GradNoiseTracker:
                     self.last_collective_bytes += flat.numel() * flat.element_size()
                     sq_sum = [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in sq_sum]), sq_sum)]
                 layer_gsnr = self._gsnr(grads, k, sq_sum)
+        if counts is not None:
+            batch = float(counts[2])
         return self._summary(batch, layer_gsnr, per_layer)
 
     def _world_size(self, process_group: Any) -> int:
@@ -279,6 +296,18 @@ class GradNoiseTracker:
             scales = torch.tensor([pending[i].scales for i in idx], dtype=torch.float64, device=device).square_()
             sums[torch.tensor(idx, device=device)] = (rows * scales[:, :, None]).sum(1)
         k, a, c = torch.tensor([(e.k, e.a, e.c) for e in pending], dtype=torch.float64, device=device).unbind(1)
+        reduced = [i for i, e in enumerate(pending) if e.counts is not None]
+        if reduced:
+            at = torch.tensor(reduced, device=device)
+            rk, inv, total = torch.stack([pending[i].counts.to(device) for i in reduced]).to(torch.float64).unbind(1)  # type: ignore[union-attr]
+            if not torch.equal(rk.round(), k[at]):
+                raise RuntimeError(
+                    "processes disagree on the number of gradient groups per step: every process must run "
+                    "the same number of backward passes (micro-batches) per optimizer step"
+                )
+            summed = torch.tensor([pending[i].summed_loss for i in reduced], device=device)
+            a[at] = torch.where(rk >= 2, inv / rk, torch.nan)
+            c[at] = torch.where(summed, 1.0 / total, inv / rk.clamp_min(1) ** 2)
         finite = torch.isfinite(sums).all(1) & torch.isfinite(big).all(1)
         self.skipped_steps += int((~finite).sum())
         self.steps += int(finite.sum())

@@ -53,7 +53,7 @@ def main() -> None:
                 self.seen = monitor.latest
                 rows.append(dict(monitor.latest, step=trainer.global_step))
 
-    monitor = GradNoiseMonitor(statistics=statistics, log_every_n_steps=int(opts.get("every", 1)), ema_decay=float(opts.get("decay", 0.999)))
+    monitor = GradNoiseMonitor(statistics=statistics, log_every_n_steps=int(opts.get("every", 1)), ema_decay=float(opts.get("decay", 0.999)), loss_reduction=opts.get("reduction", "mean"))
     callbacks = [Record(), monitor, Rows()] if opts.get("monitor", "1") == "1" else []
     kw: dict = {}
     if opts.get("hook") == "fp16":
@@ -85,7 +85,7 @@ def main() -> None:
 
         cls = strategy_class(namespace) if strategy.startswith("gnddp") else L.strategies.DDPStrategy
         strategy = cls(**kw, find_unused_parameters="unused" in strategy)
-    model = linreg_module(namespace, truth, lr=lr, batch=int(opts.get("batch", 16)), n_batches=steps * accumulate)
+    model = linreg_module(namespace, truth, lr=lr, batch=int(opts.get("batch", 16)), n_batches=steps * accumulate, reduction=opts.get("reduction", "mean"))
     if "optimizer" in opts:  # a registered optimizer; VR ones get their moments from VRMoments
         from lightning_gradnoise import VRMoments, create_optimizer
 
