@@ -101,7 +101,7 @@ class GradNoiseCommState:
     def take(self) -> ReducedMoments | None:
         """The moments reduced since the last call, or ``None`` if no all-reduce carried them."""
         raw, self._raw = self._raw, []
-        parts: list[tuple[list[int], Tensor, Tensor | None, int]] = []
+        parts: list[tuple[list[int], Tensor, Tensor | None, int, list[int]]] = []
         counts: Tensor | None = None
         for last, known, elem_known, out, start, head_numel, has_elem, nbytes in raw:
             if not isinstance(out, Tensor):  # a small all-reduce beside a bucket, not waited for yet
