@@ -102,6 +102,33 @@ def test_theorem1_gr_t_rises_with_learning_rate() -> None:
         assert bool(torch.isfinite(vals).all()) and bool((vals.diff() > 0).all())
 
 
+def test_theorem1_in_simulation_gr_t_rises_with_learning_rate_and_with_time() -> None:
+    """SGD on a noisy quadratic (Hessian lambda I, gradient noise of trace r |G_0|^2), measured with
+    the library's estimator: at every step count GR_T is higher at a higher learning rate
+    (Theorem 1, Eq. 20). At a fixed rate it also rises as training goes on, since the signal
+    decays toward the noise floor while the noise does not: holding GR_T at a target lowers the
+    learning rate over a run. 20000 coordinates make each GR_T a sum over many, so one run per
+    setting is enough: the steps asserted on are ratios of 1.25 or more in a trial run."""
+    d, lam = 20000, 1.0
+    for r in (0.5, 1.0, 4.0):
+        curves = []
+        for x in (0.05, 0.1, 0.2, 0.3, 0.5):  # lambda * eta
+            gen = torch.Generator().manual_seed(1)
+            theta = torch.ones(d, dtype=torch.float64)
+            grt, values = TemporalRedundancy(beta=0.9), []
+            for _ in range(40):
+                grad = lam * theta + math.sqrt(r) * lam * torch.randn(d, generator=gen, dtype=torch.float64)
+                grt.update([grad])
+                theta = theta - (x / lam) * grad
+                values.append(float(grt.compute()))
+            curves.append(values)
+        for t in (9, 19, 39):
+            at_t = [c[t] for c in curves]
+            assert all(b > a for a, b in zip(at_t, at_t[1:])), (r, t, at_t)
+        for c in curves:
+            assert c[39] > c[19] > c[9], (r, c[9], c[19], c[39])
+
+
 def test_frozen_model_steady_state_by_simulation() -> None:
     # lr = 0: every step's gradient is i.i.d. N(G, Sigma/B); GR_T converges to the closed form.
     truth = LinRegTruth(d=6, seed=4)
