@@ -128,22 +128,19 @@ class GradientMomentCollector:
         if attached:
             self.attach()
 
-    def record(self, indices: list[int], grads: list[Tensor]) -> list[Tensor]:
-        """Take the open group's gradients of the tensors ``indices`` (``mode="external"``).
-        Returns their raw norms (empty if no group is open)."""
+    def record(self, indices: list[int], grads: list[Tensor]) -> None:
+        """Take the open group's gradients of the tensors ``indices`` (``mode="external"``)."""
         if self._scale is None or not indices:
-            return []
-        return self._take(indices, grads)
+            return
+        self._take(indices, grads)
 
-    def _take(self, indices: list[int], grads: list[Tensor]) -> list[Tensor]:
+    def _take(self, indices: list[int], grads: list[Tensor]) -> None:
         """The open group's norms of tensors ``indices`` (one multi-tensor kernel) and, if asked,
-        their scaled squares into the elementwise buffers. Returns the raw norms."""
-        norms = torch._foreach_norm(grads)
-        for i, norm in zip(indices, norms):
+        their scaled squares into the elementwise buffers."""
+        for i, norm in zip(indices, torch._foreach_norm(grads)):
             self._current[i] = norm
         if self.elementwise:
             self._square_into(indices, grads)
-        return list(norms)
 
     def _square_into(self, indices: Iterable[int], grads: list[Tensor]) -> None:
         bufs = [self._sq_buffer(i, g) for i, g in zip(indices, grads)]
@@ -268,11 +265,6 @@ class GradientMomentCollector:
 
     # -- results ------------------------------------------------------------------------------
     @property
-    def scale(self) -> float | None:
-        """The open group's factor from raw to mean gradient (``None``: no group is open)."""
-        return self._scale
-
-    @property
     def group_open(self) -> bool:
         """Whether :meth:`begin_group` was called and :meth:`end_group` not yet."""
         return self._scale is not None
@@ -325,7 +317,9 @@ class GradientMomentCollector:
         in-place kernels, for a communication hook that runs once per bucket."""
         if self.num_groups or self._scale is None:
             raise RuntimeError("open_group_sums() needs exactly one group, still open")
-        sq = torch.stack([self._current[i] for i in indices]).to(dtype).square_().mul_(self._scale**2) if indices else None
+        sq = torch.stack([self._current[i] for i in indices]).to(dtype).square_() if indices else None
+        if sq is not None and self._scale != 1.0:  # no kernel for the usual scale of 1
+            sq.mul_(self._scale**2)
         return (sq, 1, *size_sums(self._group_sizes[-1:]))
 
     def elementwise_sq_sum(self) -> list[Tensor]:

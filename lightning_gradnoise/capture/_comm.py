@@ -144,17 +144,15 @@ def _local_payload(state: GradNoiseCommState, bucket: dist.GradBucket, buffer_dt
     known = [i for i in idx if i >= 0]
     # DDP fills buckets in reverse parameter order: sending the head in parameter order lets
     # take() use a one-bucket model's sums as they arrive
-    order = sorted(range(len(known)), key=known.__getitem__)
-    head_known = [known[j] for j in order]
+    head_known = sorted(known)
     dtype = buffer_dtype if buffer_dtype in (torch.float32, torch.float64) else torch.float64
     pieces: list[Tensor] = []
     if col.mode == "external" and col.num_groups == 0:  # the bucket holds this process's one group
         grads = bucket.gradients()
-        norms = col.record(known, grads if len(known) == len(idx) else [g for i, g in zip(idx, grads) if i >= 0])
-        _, k, inv, total = col.open_group_sums([], dtype)
-        if norms:
-            sq = torch.stack([norms[j] for j in order]).to(dtype).square_()
-            pieces.append(sq if col.scale == 1.0 else sq.mul_(col.scale**2))
+        col.record(known, grads if len(known) == len(idx) else [g for i, g in zip(idx, grads) if i >= 0])
+        sq, k, inv, total = col.open_group_sums(head_known, dtype)
+        if sq is not None:
+            pieces.append(sq)
     else:
         sums, k, inv, total = col.local_sums()
         pieces.append(sums[head_known].to(dtype))

@@ -305,9 +305,9 @@ class GradNoiseTracker:
                     "processes disagree on the number of gradient groups per step: every process must run "
                     "the same number of backward passes (micro-batches) per optimizer step"
                 )
-            summed = torch.tensor([pending[i].summed_loss for i in reduced], device=device)
+            summed_loss = torch.tensor([pending[i].summed_loss for i in reduced], device=device)
             a[at] = torch.where(rk >= 2, inv / rk, torch.nan)
-            c[at] = torch.where(summed, 1.0 / total, inv / rk.clamp_min(1) ** 2)
+            c[at] = torch.where(summed_loss, 1.0 / total, inv / rk.clamp_min(1) ** 2)
         finite = torch.isfinite(sums).all(1) & torch.isfinite(big).all(1)
         self.skipped_steps += int((~finite).sum())
         self.steps += int(finite.sum())
