@@ -113,36 +113,6 @@ def test_tracker_without_lightning_matches_direct_formula() -> None:
     assert out["batch_size"] == 21
 
 
-def test_reduced_counts_are_not_read_back_on_steps_that_do_not_log() -> None:
-    """Under gnddp the reduced [k, sum 1/b, sum b] stay on the device until a logged step: on a GPU,
-    reading them every step would wait for the device every step. Counts on the meta device
-    raise on any read, so a step that is not logged must get by without them, and a logged one
-    must read the values the counts hold."""
-    from lightning_gradnoise.capture import ReducedMoments
-
-    torch.manual_seed(3)
-    model = nn.Linear(3, 1)
-    tracker = GradNoiseTracker(model, statistics=("b_simple", "gr_s"), ema_decay=0.0, mode="external").attach()
-
-    def step(counts: torch.Tensor, summarize: bool):
-        tracker.begin_step()
-        model.zero_grad()
-        tracker.begin_group(scale=1.0, size=8)
-        model(torch.randn(8, 3)).square().mean().backward()
-        tracker.end_group()
-        sums = torch.tensor([2.0, 1.0], dtype=torch.float64)  # as if two groups were reduced
-        return tracker.finish_step(summarize=summarize, reduced=ReducedMoments(sums, counts, None, 0))
-
-    assert step(torch.empty(3, dtype=torch.float64, device="meta"), summarize=False) is None
-    tracker._pending.clear()  # a meta entry cannot be folded
-    # a logged step reads them: the batch size is the reduced sum of group sizes
-    out = step(torch.tensor([1.0, 1 / 8, 8.0], dtype=torch.float64), summarize=True)
-    assert out["batch_size"] == 8.0
-    # the reduced number of groups is checked against this process's, when folded
-    with pytest.raises(RuntimeError, match="disagree on the number of gradient groups"):
-        step(torch.tensor([3.0, 3 / 8, 24.0], dtype=torch.float64), summarize=True)
-
-
 @pytest.mark.parametrize("start", ["none", "zeros", "partial"])
 def test_swap_mode_equals_hooks_and_leaves_grad_bit_identical(start: str) -> None:
     """Swap capture (set .grad aside, read it, add it back) against per-tensor hooks and against

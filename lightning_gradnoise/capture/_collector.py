@@ -300,9 +300,7 @@ class GradientMomentCollector:
 
     def local_sums(self) -> tuple[Tensor, int, float, float]:
         r"""This process's :math:`\sum_j |g_j|^2` per tensor (float64, the open group included),
-        its number of groups, :math:`\sum_j 1/b_j` and :math:`\sum_j b_j` (NaN if a size is unknown).
-
-        A DDP communication hook calls this while the last micro-batch's group is still open."""
+        its number of groups, :math:`\sum_j 1/b_j` and :math:`\sum_j b_j` (NaN if a size is unknown)."""
         norms, scales, sizes = list(self._norms), list(self._scales), list(self._group_sizes)
         if self._scale is not None:
             norms.extend(self._zero if t is None else t for t in self._current)
@@ -310,17 +308,6 @@ class GradientMomentCollector:
         else:
             sizes = sizes[: len(scales)]
         return (self._squared(norms, scales).sum(0), len(scales), *size_sums(sizes))
-
-    def open_group_sums(self, indices: list[int], dtype: torch.dtype) -> tuple[Tensor | None, int, float, float]:
-        r"""The :meth:`local_sums` of a process whose only group is the open one, for the tensors
-        ``indices`` recorded so far (``None`` if there are none), in ``dtype``: one stack and two
-        in-place kernels, for a communication hook that runs once per bucket."""
-        if self.num_groups or self._scale is None:
-            raise RuntimeError("open_group_sums() needs exactly one group, still open")
-        sq = torch.stack([self._current[i] for i in indices]).to(dtype).square_() if indices else None
-        if sq is not None and self._scale != 1.0:  # no kernel for the usual scale of 1
-            sq.mul_(self._scale**2)
-        return (sq, 1, *size_sums(self._group_sizes[-1:]))
 
     def elementwise_sq_sum(self) -> list[Tensor]:
         r""":math:`\sum_j g_j^2` per parameter tensor (zeros for a tensor that got no gradient)."""

@@ -27,17 +27,18 @@ STATISTICS = ("b_simple", "gr_s", "gr_t", "gsnr")
 
 
 class _Pending(NamedTuple):
-    """One step not yet folded into the EMAs, as captured: no device sync and no float64 work per
-    step, and each step's 0-d norms are stacked only when many steps are folded at once (on a
-    small model a per-step stack is a large part of the cost).
+    r"""One step not yet folded into the EMAs, as captured: no device sync, no collective and no
+    float64 work per step, and each step's 0-d norms are stacked only when many steps are folded
+    at once (on a small model a per-step stack is a large part of the cost).
 
     ``norms``: each group's per-tensor norms, group-major, each group weighted by ``scales`` (the
-    collector's raw form), or ``None`` when ``sq`` holds :math:`\sum_j |g_j|^2` per tensor already
-    (float64: reduced over processes). ``big``: the step gradient's per-tensor norms. ``k``: the
-    number of groups; ``a``, ``c``: the weights of :func:`noise_scale_from_moments`, or NaN when
-    ``counts`` holds the reduced :math:`[k, \sum_j 1/b_j, \sum_j b_j]` they are computed from when
-    folded (``summed_loss``: a sum-reduced loss). A resumed run's entries hold the same values
-    stacked into tensors."""
+    collector's raw form), or ``None`` when ``sq`` holds :math:`\sum_j |g_j|^2` per tensor
+    already. ``big``: the step gradient's per-tensor norms. ``k``: the number of groups over all
+    processes; ``a``, ``c``: the weights of :func:`noise_scale_from_moments`, or NaN when
+    ``counts`` holds :math:`[k, \sum_j 1/b_j, \sum_j b_j]`, from which they are computed when
+    folded (``summed_loss``: a sum-reduced loss). ``local``: the sums and counts are this
+    process's own, to be summed over processes (in one all-reduce for all pending steps) before
+    they are folded. A resumed run's entries hold the same values stacked into tensors."""
 
     norms: list[Tensor] | Tensor | None
     sq: Tensor | None
@@ -46,8 +47,9 @@ class _Pending(NamedTuple):
     a: float
     c: float
     scales: tuple[float, ...]
-    counts: Tensor | None = None
+    counts: Tensor | tuple[float, float, float] | None = None
     summed_loss: bool = False
+    local: bool = False
 
 
 def _weights(k: int, inv_size_sum: float, batch: float, loss_reduction: str) -> tuple[float, float]:
@@ -66,6 +68,8 @@ def _stack(parts: list[list[Tensor] | Tensor]) -> Tensor:
 
 
 def _saved_entry(entry: _Pending) -> dict[str, Any]:
+    assert not entry.local, "reduce pending steps over processes before saving them"
+
     def cpu(x: list[Tensor] | Tensor | None) -> Tensor | None:
         return None if x is None else (torch.stack(x) if isinstance(x, list) else x).cpu().clone()
 
@@ -98,9 +102,12 @@ class GradNoiseTracker:
 
     Per optimizer step: one :meth:`begin_group` / :meth:`end_group` pair around each backward
     (micro-batch), then :meth:`finish_step` once ``.grad`` holds the step's gradient. Under
-    ``torch.distributed`` the per-group sums are all-reduced in one small collective of
-    ``P + 3`` float64 values (``P`` parameter tensors); elementwise moments (GSNR) add one
-    parameter-sized all-reduce, only on steps where a summary is asked for.
+    ``torch.distributed`` no step communicates: each process keeps its own per-group sums, and
+    the steps since the last fold are summed over processes in one small all-reduce of
+    ``steps x (P + 3)`` float64 values (``P`` parameter tensors) when they are folded into the
+    statistics (on a summarized step, or every ``max_pending`` steps). Elementwise moments
+    (GSNR) add one parameter-sized all-reduce, only on steps where a summary is asked for, unless
+    :func:`gradnoise_comm_hook` carried them in DDP's own.
 
     Args:
         params: a module or ``(name, parameter)`` pairs.
@@ -145,8 +152,10 @@ class GradNoiseTracker:
         self.last_elementwise: tuple[list[Tensor], int] | None = None
         """The last summarized step's global elementwise moments and group count (GSNR)."""
         self._world: tuple[Any, int] | None = None
+        self._group: Any = None
+        self._batch = float("nan")  # the last folded step's global batch
         self.last_collective_bytes = 0
-        """Bytes this process sent in collectives of its own during the last step (plain DDP)."""
+        """Bytes this process sent in collectives of its own during the last step."""
 
     @property
     def names(self) -> list[str]:
@@ -192,38 +201,37 @@ class GradNoiseTracker:
             per_layer: add ``layer/<name>/<statistic>`` entries to the summary.
             process_group: for ``torch.distributed``; ``None`` is the default group. Under DDP,
                 ``.grad`` is the average over ranks.
-            reduced: the step's moments as :func:`gradnoise_comm_hook` reduced them inside DDP's
-                all-reduce (``GradNoiseCommState.take()``); then no collective runs here.
+            reduced: the step's elementwise moments as :func:`gradnoise_comm_hook` reduced them
+                inside DDP's all-reduce (``GradNoiseCommState.take()``); then they need no
+                collective here.
 
         Returns:
             ``None``, or a dict of floats, identical on every rank. A step whose gradients are
             not finite is skipped whole (``skipped_steps`` grows) and nothing is folded in.
+            Under ``torch.distributed`` every process must make the same calls: a summarized
+            step runs a collective.
         """
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r} is invalid: expected 'mean' or 'sum'")
         col = self.collector
         world = self._world_size(process_group)
-        raw = None
+        self._group = process_group
         self.last_collective_bytes = 0
-        counts = None  # [k, sum 1/b_j, sum b_j] over processes, left on the device
-        if reduced is not None:
-            sums, counts = reduced.sq_norm_sums, reduced.counts
-        elif world == 1 and (raw := col.raw_norms()) is not None:
-            k = col.num_groups
+        raw = col.raw_norms()
+        if raw is not None:
+            sums = None
+            k_local = col.num_groups
             inv_size_sum, batch = size_sums(col.group_sizes)
-        else:
-            sums, k, inv_size_sum, batch = col.local_sums()
-            if world > 1:
-                packed = torch.cat([sums, sums.new_tensor([k, inv_size_sum, batch])])
-                dist.all_reduce(packed, group=process_group)
-                self.last_collective_bytes = packed.numel() * packed.element_size()
-                sums, counts = packed[:-3], packed[-3:]
-        if counts is not None:
-            # Every process runs the same number of backward passes per step, so k is known here;
-            # the reduced counts (checked against it when folded) are not read back per step: on
-            # a GPU that would be a host sync every step.
-            k = world * col.num_groups
-            batch = float(counts[2]) if loss_reduction == "sum" else float("nan")  # "sum": a sync
+        else:  # a group still open (a backward without end_group): counted in
+            sums, k_local, inv_size_sum, batch = col.local_sums()
+        k = world * k_local
+        local_batch = batch
+        if world > 1 and loss_reduction == "sum":
+            # the step's gradient is the sample-weighted mean: its scale needs the global batch
+            # now (one small all-reduce and a sync per step, for summed losses only)
+            total_batch = torch.tensor([batch], dtype=torch.float64, device=col.params[0].device)
+            dist.all_reduce(total_batch, group=process_group)
+            batch = float(total_batch)
         # .grad = (1 / (world * divisor)) * sum over groups of g_j (mean) or of b_j g_j (sum)
         total = k if loss_reduction == "mean" else batch
         factor = world * loss_divisor / total if total > 0 else 1.0
@@ -231,18 +239,22 @@ class GradNoiseTracker:
         if factor != 1.0:
             grads = torch._foreach_mul(grads, factor)
         big = list(torch._foreach_norm(grads))
-        if raw is not None:
-            norms, scales = raw
-            entry = _Pending(norms, None, big, k, *_weights(k, inv_size_sum, batch, loss_reduction), tuple(scales))
-        elif counts is None:
-            entry = _Pending(None, sums, big, k, *_weights(k, inv_size_sum, batch, loss_reduction), (1.0,))
+        norms, scales = raw if raw is not None else (None, [1.0])
+        if world > 1:
+            # This process's sums and counts, summed over processes when folded: one small
+            # collective per fold (logged steps) instead of one per step. Every process runs the
+            # same number of backward passes per step, so k is known (and checked when folded).
+            entry = _Pending(norms, sums, big, k, float("nan"), float("nan"), tuple(scales),
+                             (float(k_local), inv_size_sum, local_batch), loss_reduction == "sum", local=True)
         else:
-            entry = _Pending(None, sums, big, k, float("nan"), float("nan"), (1.0,), counts, loss_reduction == "sum")
+            entry = _Pending(norms, sums, big, k, *_weights(k, inv_size_sum, batch, loss_reduction), tuple(scales))
         self._pending.append(entry)
         finite = None
         if "gr_t" in self.statistics or summarize:
-            parts = torch.stack(big if entry.norms is None else entry.norms + big)
-            finite = bool(torch.isfinite(parts).all()) and (entry.sq is None or bool(torch.isfinite(entry.sq).all()))  # a sync
+            # under DDP only the reduced gradient, the same on every process, decides (a local
+            # non-finite gradient makes it non-finite too): every process takes the same branch
+            parts = torch.stack(big if entry.local or norms is None else list(norms) + big)
+            finite = bool(torch.isfinite(parts).all()) and (entry.local or sums is None or bool(torch.isfinite(sums).all()))  # a sync
         if "gr_t" in self.statistics and finite:
             self.temporal.update(grads, checked=True)
         if len(self._pending) >= self.max_pending:
@@ -263,8 +275,8 @@ class GradNoiseTracker:
                     self.last_collective_bytes += flat.numel() * flat.element_size()
                     sq_sum = [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in sq_sum]), sq_sum)]
                 layer_gsnr = self._gsnr(grads, k, sq_sum)
-        if counts is not None:
-            batch = float(counts[2])
+        if entry.local:  # the global batch, summed over processes by the fold
+            batch = self._batch
         return self._summary(batch, layer_gsnr, per_layer)
 
     def _world_size(self, process_group: Any) -> int:
@@ -274,27 +286,51 @@ class GradNoiseTracker:
             self._world = (process_group, dist.get_world_size(process_group))
         return self._world[1]
 
-    def _fold(self) -> None:
-        """Count the pending steps, turn them into unbiased estimates, fold those into the EMAs."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        n = len(self.names)
+    def _group_sums(self, pending: list[_Pending]) -> Tensor:
+        r""":math:`\sum_j |g_j|^2` per tensor of each step, ``[steps, tensors]`` in float64."""
         device = self.collector.params[0].device
-        big = _stack([e.big for e in pending]).to(device=device, dtype=torch.float64).square_()
-        sums = torch.empty_like(big)
-        summed = [i for i, e in enumerate(pending) if e.norms is None]
-        if summed:
-            sums[torch.tensor(summed, device=device)] = torch.stack([pending[i].sq.to(device) for i in summed]).to(torch.float64)  # type: ignore[union-attr]
+        sums = torch.empty(len(pending), len(self.names), dtype=torch.float64, device=device)
+        given = [i for i, e in enumerate(pending) if e.norms is None]
+        if given:
+            sums[torch.tensor(given, device=device)] = torch.stack([pending[i].sq.to(device) for i in given]).to(torch.float64)  # type: ignore[union-attr]
         # steps with the same number of captured groups in one pass
         by_groups: dict[int, list[int]] = {}
         for i, entry in enumerate(pending):
             if entry.norms is not None:
                 by_groups.setdefault(len(entry.scales), []).append(i)
         for groups, idx in by_groups.items():
-            rows = _stack([pending[i].norms for i in idx]).to(device=device, dtype=torch.float64).view(len(idx), groups, n).square_()  # type: ignore[misc]
+            rows = _stack([pending[i].norms for i in idx]).to(device=device, dtype=torch.float64).view(len(idx), groups, -1).square_()  # type: ignore[misc]
             scales = torch.tensor([pending[i].scales for i in idx], dtype=torch.float64, device=device).square_()
             sums[torch.tensor(idx, device=device)] = (rows * scales[:, :, None]).sum(1)
+        return sums
+
+    def reduce_pending(self) -> None:
+        """Sum the pending steps' per-process moments over processes, in one all-reduce.
+
+        Called by every fold and by :meth:`state_dict`; under ``torch.distributed`` every process
+        must call it at the same point (Lightning saves checkpoints on every process)."""
+        local = [i for i, e in enumerate(self._pending) if e.local]
+        if not local:
+            return
+        entries = [self._pending[i] for i in local]
+        sums = self._group_sums(entries)
+        counts = torch.tensor([e.counts for e in entries], dtype=torch.float64, device=sums.device)
+        payload = torch.cat([sums, counts], dim=1)
+        dist.all_reduce(payload, group=self._group)
+        self.last_collective_bytes += payload.numel() * payload.element_size()
+        for i, row in zip(local, payload):
+            self._pending[i] = self._pending[i]._replace(norms=None, sq=row[:-3], scales=(1.0,), counts=row[-3:], local=False)
+        self._batch = float(payload[-1, -1])
+
+    def _fold(self) -> None:
+        """Count the pending steps, turn them into unbiased estimates, fold those into the EMAs."""
+        if not self._pending:
+            return
+        self.reduce_pending()
+        pending, self._pending = self._pending, []
+        device = self.collector.params[0].device
+        big = _stack([e.big for e in pending]).to(device=device, dtype=torch.float64).square_()
+        sums = self._group_sums(pending)
         k, a, c = torch.tensor([(e.k, e.a, e.c) for e in pending], dtype=torch.float64, device=device).unbind(1)
         reduced = [i for i, e in enumerate(pending) if e.counts is not None]
         if reduced:
@@ -349,8 +385,11 @@ class GradNoiseTracker:
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The statistics' state. Under ``torch.distributed``, a collective: call it on every
+        process (as Lightning does), since pending steps are first summed over processes."""
         # Pending steps are saved as they are (not folded) so that a resumed run folds at the
         # same steps as an uninterrupted one and logs bit-identical values.
+        self.reduce_pending()
         return {
             "pending": [_saved_entry(e) for e in self._pending],
             "names": list(self.names),

@@ -21,15 +21,17 @@ _DOC = r"""Lightning's ``DDPStrategy`` whose gradient all-reduce also carries gr
 
     Every ``DDPStrategy`` argument works as there. A communication hook
     (:func:`~lightning_gradnoise.capture.gradnoise_comm_hook`) is registered on every device
-    type, gloo on CPU included (Lightning registers hooks only on CUDA), and appends to each bucket
-    (of up to :data:`~lightning_gradnoise.capture.PACK_LIMIT` elements; a bigger one is reduced in
-    place with its moments in a small all-reduce beside it) one float per parameter tensor (each process's :math:`\sum_j |g_j|^2`), three counts, and,
-    only on steps where GSNR is measured, the elementwise :math:`\sum_j g_j^2`. Summed by DDP's own
-    collective, they give :class:`~lightning_gradnoise.GradNoiseMonitor` the statistics of all
-    devices x accumulation micro-batches with no second collective. The gradients themselves are
-    reduced exactly as DDP does (divided by the world size, then summed). A user's
-    ``ddp_comm_hook`` still reduces the gradients (the moments then travel in one small float64
-    all-reduce beside it) and a ``ddp_comm_wrapper`` (e.g. fp16 compression) wraps the whole hook.
+    type, gloo on CPU included (Lightning registers hooks only on CUDA). Without gradient
+    accumulation it reads each process's gradient norms from DDP's own buckets before they are
+    reduced, so no per-tensor autograd hook runs. No step communicates anything for the scalar
+    statistics: :class:`~lightning_gradnoise.GradNoiseMonitor` sums every process's per-step
+    moments (one float per parameter tensor and three counts) in one small all-reduce when it
+    folds the steps since the last log into its statistics. Only on steps where GSNR is measured
+    do the elementwise :math:`\sum_j g_j^2` travel, appended to DDP's buckets (of up to
+    :data:`~lightning_gradnoise.capture.PACK_LIMIT` elements; beside a bigger one in an
+    all-reduce of their own). The gradients themselves are reduced exactly as DDP does (divided
+    by the world size, then summed). A user's ``ddp_comm_hook`` still reduces the gradients and a
+    ``ddp_comm_wrapper`` (e.g. fp16 compression) wraps the whole hook.
 
     Registered as ``"gnddp"``, ``"gnddp_spawn"``, ``"gnddp_fork"``, ``"gnddp_notebook"`` and their
     ``_find_unused_parameters_{true,false}`` variants in both Lightning namespaces.

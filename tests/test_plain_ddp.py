@@ -1,0 +1,48 @@
+"""The tracker and the communication hook on plain torch DistributedDataParallel (no Lightning),
+two real processes on CPU (gloo), as the README's "Without Lightning" loop uses them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).parent / "ddp" / "plain_worker.py"
+
+
+def launch(tmp_path: Path, scenario: str, **opts) -> list[dict]:
+    out = tmp_path / f"{scenario}_{'_'.join(f'{k}{v}' for k, v in opts.items())}"
+    out.mkdir()
+    args = [sys.executable, str(WORKER), scenario, str(out)] + [f"{k}={v}" for k, v in opts.items()]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_processes_measure_what_one_process_measures_from_the_same_groups(tmp_path, accumulate) -> None:
+    """2 processes x ``accumulate`` micro-batches against one process whose groups are the same
+    micro-batches: the same estimator on the same numbers, so the same statistics up to float
+    rounding. accumulate=1: the hook reads each process's gradient from DDP's bucket
+    (mode="external"); 2: per-tensor hooks. GSNR's elementwise moments ride in DDP's all-reduce."""
+    ranks = launch(tmp_path, "match", accumulate=accumulate, steps=30, every=10)
+    assert ranks[0]["error"] is None and ranks[1]["error"] is None
+    assert [r["ddp"] for r in ranks[0]["rows"]] == [r["ddp"] for r in ranks[1]["rows"]]  # identical on every rank
+    assert [r["step"] for r in ranks[0]["rows"]] == [9, 19, 29]
+    for row in ranks[0]["rows"]:
+        got, want = row["ddp"], row["reference"]
+        assert got["batch_size"] == want["batch_size"] == 32 * accumulate
+        for key in ("b_simple", "grad_sq", "trace_cov", "gr_s", "gsnr"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), key
+        assert row["packed_bytes"] > 0  # the elementwise moments travelled with the gradients
+
+
+def test_processes_with_different_numbers_of_micro_batches_are_told(tmp_path) -> None:
+    ranks = launch(tmp_path, "disagree", accumulate=2, steps=10, every=5)
+    for rank in ranks:
+        assert rank["rows"] == []
+        assert "disagree on the number of gradient groups" in rank["error"]
