@@ -10,8 +10,8 @@ Lightning launches the second process. Two kinds of figure, both from one invoca
   The product of the two is gnddp + monitor over plain ddp.
 
 The bytes column is what each process sends into all-reduces per monitored step, on average:
-the gradient (float32) and the monitor's moments, packed with it (gnddp) or in a collective of
-their own (ddp).
+the gradient (float32) and the monitor's moments (the elementwise ones packed with it under
+gnddp, the per-step scalars summed over processes once per log).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ PAIRED = {
     "gnddp + scalar (b_simple, gr_s)": ("gnddp", dict(statistics=("b_simple", "gr_s"), log_every_n_steps=51)),
     "gnddp + gsnr, logged every 51 steps": ("gnddp", dict(statistics=("gsnr",), log_every_n_steps=51)),
     "gnddp + gsnr, logged every step": ("gnddp", dict(statistics=("gsnr",), log_every_n_steps=1)),
-    "ddp + scalar (own small all-reduce)": ("ddp", dict(statistics=("b_simple", "gr_s"), log_every_n_steps=51)),
+    "ddp + scalar (b_simple, gr_s)": ("ddp", dict(statistics=("b_simple", "gr_s"), log_every_n_steps=51)),
 }
 
 
