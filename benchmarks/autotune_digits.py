@@ -59,7 +59,7 @@ def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt:
     callbacks = [stop]
     if adapt is not None:
         callbacks += [GradNoiseMonitor(statistics="all", log_every_n_steps=5),
-                      BatchSizeAdapter(cooldown=10, max_batch=1024, max_factor=adapt["max_factor"]),
+                      BatchSizeAdapter(cooldown=adapt["batch_cooldown"], max_batch=1024, max_factor=adapt["max_factor"]),
                       LRAdapter(cooldown=adapt["lr_cooldown"], step_factor=adapt["step_factor"], gain=adapt["gain"], target=adapt["target"])]
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=10_000, accumulate_grad_batches=batch // micro,
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-factor", type=int, default=2, help="BatchSizeAdapter max_factor")
+    parser.add_argument("--batch-cooldown", type=int, default=10, help="BatchSizeAdapter cooldown (optimizer steps)")
     parser.add_argument("--lr-step-factor", type=float, default=1.5, help="LRAdapter step_factor")
     parser.add_argument("--lr-gain", type=float, default=0.5, help="LRAdapter gain")
     parser.add_argument("--lr-cooldown", type=int, default=10, help="LRAdapter cooldown (optimizer steps)")
@@ -104,7 +105,8 @@ def main() -> None:
         return ds.tensors[0], ds.tensors[1], train
 
     target = args.lr_target if args.lr_target == "auto" else float(args.lr_target)
-    adapt = {"max_factor": args.max_factor, "step_factor": args.lr_step_factor, "gain": args.lr_gain, "target": target, "lr_cooldown": args.lr_cooldown}
+    adapt = {"max_factor": args.max_factor, "step_factor": args.lr_step_factor, "gain": args.lr_gain, "target": target, "lr_cooldown": args.lr_cooldown,
+             "batch_cooldown": args.batch_cooldown}
     s = (1.0 - args.momentum) / 0.1  # the same effective step, lr / (1 - momentum), as momentum 0.9
     lrs = [round(lr * s, 6) for lr in (0.01, 0.03, 0.1, 0.3)]
     grid = [median_run(args.seeds, b, lr, min(b, 64), args.target, args.max_steps, None, data, momentum=args.momentum)
