@@ -176,3 +176,43 @@ def test_comm_state_rejects_a_bad_pack_limit() -> None:
 
     with pytest.raises(ValueError, match="pack_limit=-1"):
         GradNoiseCommState(pack_limit=-1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_pending_steps_saved_with_explicit_weights_resume_to_the_same_values(reduction: str) -> None:
+    # Checkpoints written before pending steps kept their counts hold the weights a and c of
+    # noise_scale_from_moments instead; loading them must fold to the same statistics.
+    def run(tracker: GradNoiseTracker, model: nn.Module, seed: int, summarize: bool) -> dict | None:
+        gen = torch.Generator().manual_seed(seed)
+        model.zero_grad()
+        tracker.begin_step()
+        for size in (3, 5, 8):  # unequal groups: a summed loss weights them differently
+            xb = torch.randn(size, 3, generator=gen)
+            loss = model(xb).square().sum() if reduction == "sum" else model(xb).square().mean() / 3
+            tracker.begin_group(scale=1.0 if reduction == "sum" else 3.0, size=size)
+            loss.backward()
+            tracker.end_group()
+        return tracker.finish_step(loss_divisor=1.0 if reduction == "sum" else 3.0, loss_reduction=reduction, summarize=summarize)
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    first = GradNoiseTracker(model, statistics=("b_simple",)).attach()
+    for seed in range(4):
+        run(first, model, seed, summarize=False)
+    state = first.state_dict()
+    first.detach()
+    old = dict(state, pending=[])
+    for entry in state["pending"]:
+        k, inv, batch = entry["counts"].tolist()
+        a = inv / k
+        c = 1.0 / batch if reduction == "sum" else inv / k**2
+        old["pending"].append({key: v for key, v in entry.items() if key not in ("counts", "summed_loss")} | {"a": a, "c": c, "counts": None})
+    results = []
+    for saved in (state, old):
+        tracker = GradNoiseTracker(model, statistics=("b_simple",)).attach()
+        tracker.load_state_dict(saved)
+        results.append(run(tracker, model, 99, summarize=True))
+        tracker.detach()
+    assert results[0]["b_simple"] == pytest.approx(results[1]["b_simple"], rel=1e-12)
+    assert results[0]["trace_cov"] == pytest.approx(results[1]["trace_cov"], rel=1e-12)
+    assert results[0]["batch_size"] == results[1]["batch_size"] == 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
@@ -34,29 +35,20 @@ class _Pending(NamedTuple):
     ``norms``: each group's per-tensor norms, group-major, each group weighted by ``scales`` (the
     collector's raw form), or ``None`` when ``sq`` holds :math:`\sum_j |g_j|^2` per tensor
     already. ``big``: the step gradient's per-tensor norms. ``k``: the number of groups over all
-    processes; ``a``, ``c``: the weights of :func:`noise_scale_from_moments`, or NaN when
-    ``counts`` holds :math:`[k, \sum_j 1/b_j, \sum_j b_j]`, from which they are computed when
-    folded (``summed_loss``: a sum-reduced loss). ``local``: the sums and counts are this
-    process's own, to be summed over processes (in one all-reduce for all pending steps) before
-    they are folded. A resumed run's entries hold the same values stacked into tensors."""
+    processes. ``counts``: :math:`[k, \sum_j 1/b_j, \sum_j b_j]` over the groups that ``sq`` or
+    ``norms`` sum, from which the fold computes the weights of :func:`noise_scale_from_moments`
+    (``summed_loss``: a sum-reduced loss). ``local``: the sums and counts are this process's own,
+    to be summed over processes (in one all-reduce for all pending steps) before they are folded.
+    A resumed run's entries hold the same values stacked into tensors."""
 
     norms: list[Tensor] | Tensor | None
     sq: Tensor | None
     big: list[Tensor] | Tensor
     k: int
-    a: float
-    c: float
     scales: tuple[float, ...]
-    counts: Tensor | tuple[float, float, float] | None = None
+    counts: Tensor | tuple[float, float, float]
     summed_loss: bool = False
     local: bool = False
-
-
-def _weights(k: int, inv_size_sum: float, batch: float, loss_reduction: str) -> tuple[float, float]:
-    """``a`` and ``c``, which weigh tr(Sigma) in E[S_small] and E[S_big] (NaN: none)."""
-    a = inv_size_sum / k if k >= 2 else float("nan")
-    c = 1.0 / batch if loss_reduction == "sum" else inv_size_sum / max(k, 1) ** 2
-    return a, c
 
 
 def _stack(parts: list[list[Tensor] | Tensor]) -> Tensor:
@@ -73,10 +65,20 @@ def _saved_entry(entry: _Pending) -> dict[str, Any]:
     def cpu(x: list[Tensor] | Tensor | None) -> Tensor | None:
         return None if x is None else (torch.stack(x) if isinstance(x, list) else x).cpu().clone()
 
-    return entry._replace(norms=cpu(entry.norms), sq=cpu(entry.sq), big=cpu(entry.big), counts=cpu(entry.counts))._asdict()
+    counts = entry.counts if isinstance(entry.counts, Tensor) else torch.tensor(entry.counts, dtype=torch.float64)
+    return entry._replace(norms=cpu(entry.norms), sq=cpu(entry.sq), big=cpu(entry.big), counts=cpu(counts))._asdict()
 
 
 def _loaded_entry(state: dict[str, Any], device: torch.device) -> _Pending:
+    state = dict(state)
+    if "a" in state:  # saved with the weights instead of the counts: recover the counts
+        a, c, k = float(state.pop("a")), float(state.pop("c")), state["k"]
+        if state.get("counts") is None:
+            inv = c * k * k  # mean-reduced loss: c = sum(1/b) / k^2
+            # summed loss: c = 1 / B and a = sum(1/b) / k
+            summed = k >= 2 and math.isfinite(a) and not math.isclose(a * k, inv, rel_tol=1e-9)
+            state["counts"] = torch.tensor([k, a * k if summed else inv, 1.0 / c if summed else float("nan")], dtype=torch.float64)
+            state["summed_loss"] = summed
     moved = {key: (v.to(device) if isinstance(v, Tensor) else v) for key, v in state.items()}
     return _Pending(**{**moved, "scales": tuple(state["scales"])})
 
@@ -240,14 +242,12 @@ class GradNoiseTracker:
             grads = torch._foreach_mul(grads, factor)
         big = list(torch._foreach_norm(grads))
         norms, scales = raw if raw is not None else (None, [1.0])
-        if world > 1:
-            # This process's sums and counts, summed over processes when folded: one small
-            # collective per fold (logged steps) instead of one per step. Every process runs the
-            # same number of backward passes per step, so k is known (and checked when folded).
-            entry = _Pending(norms, sums, big, k, float("nan"), float("nan"), tuple(scales),
-                             (float(k_local), inv_size_sum, local_batch), loss_reduction == "sum", local=True)
-        else:
-            entry = _Pending(norms, sums, big, k, *_weights(k, inv_size_sum, batch, loss_reduction), tuple(scales))
+        # Under torch.distributed, this process's sums and counts are summed over processes when
+        # folded: one small collective per fold (logged steps) instead of one per step. Every
+        # process runs the same number of backward passes per step, so k is known (and checked
+        # when folded).
+        entry = _Pending(norms, sums, big, k, tuple(scales), (float(k_local), inv_size_sum, local_batch),
+                         loss_reduction == "sum", local=world > 1)
         self._pending.append(entry)
         finite = None
         if "gr_t" in self.statistics or summarize:
@@ -304,46 +304,61 @@ class GradNoiseTracker:
             sums[torch.tensor(idx, device=device)] = (rows * scales[:, :, None]).sum(1)
         return sums
 
+    def _rows(self, pending: list[_Pending]) -> Tensor:
+        r"""Each step's :math:`\sum_j |g_j|^2` per tensor and its counts, ``[steps, P + 3]`` in
+        float64, summed over processes where they are still local (in one all-reduce)."""
+        device = self.collector.params[0].device
+        rows = torch.empty(len(pending), len(self.names) + 3, dtype=torch.float64, device=device)
+        rows[:, :-3] = self._group_sums(pending)
+        stacked = [i for i, e in enumerate(pending) if isinstance(e.counts, Tensor)]
+        if stacked:
+            rows[torch.tensor(stacked, device=device), -3:] = torch.stack([pending[i].counts.to(device) for i in stacked]).to(torch.float64)  # type: ignore[union-attr]
+        if len(stacked) < len(pending):
+            taken = [i for i, e in enumerate(pending) if not isinstance(e.counts, Tensor)]
+            rows[torch.tensor(taken, device=device), -3:] = torch.tensor([pending[i].counts for i in taken], dtype=torch.float64, device=device)
+        local = [i for i, e in enumerate(pending) if e.local]
+        if local:
+            at = None if len(local) == len(pending) else torch.tensor(local, device=device)
+            part = rows if at is None else rows[at]
+            dist.all_reduce(part, group=self._group)
+            self.last_collective_bytes += part.numel() * part.element_size()
+            if at is not None:
+                rows[at] = part
+            self._batch = float(part[-1, -1])  # the last step's global batch (a sync, once per fold)
+        return rows
+
     def reduce_pending(self) -> None:
         """Sum the pending steps' per-process moments over processes, in one all-reduce.
 
-        Called by every fold and by :meth:`state_dict`; under ``torch.distributed`` every process
-        must call it at the same point (Lightning saves checkpoints on every process)."""
-        local = [i for i, e in enumerate(self._pending) if e.local]
-        if not local:
+        Called by :meth:`state_dict` (a fold does the same on its own); under
+        ``torch.distributed`` every process must call it at the same point (Lightning saves
+        checkpoints on every process)."""
+        if not any(e.local for e in self._pending):
             return
-        entries = [self._pending[i] for i in local]
-        sums = self._group_sums(entries)
-        counts = torch.tensor([e.counts for e in entries], dtype=torch.float64, device=sums.device)
-        payload = torch.cat([sums, counts], dim=1)
-        dist.all_reduce(payload, group=self._group)
-        self.last_collective_bytes += payload.numel() * payload.element_size()
-        for i, row in zip(local, payload):
-            self._pending[i] = self._pending[i]._replace(norms=None, sq=row[:-3], scales=(1.0,), counts=row[-3:], local=False)
-        self._batch = float(payload[-1, -1])
+        rows = self._rows(self._pending)
+        self._pending = [
+            e._replace(norms=None, sq=row[:-3], scales=(1.0,), counts=row[-3:], local=False) for e, row in zip(self._pending, rows)
+        ]
 
     def _fold(self) -> None:
         """Count the pending steps, turn them into unbiased estimates, fold those into the EMAs."""
         if not self._pending:
             return
-        self.reduce_pending()
         pending, self._pending = self._pending, []
         device = self.collector.params[0].device
+        rows = self._rows(pending)
+        sums, (rk, inv, total) = rows[:, :-3], rows[:, -3:].unbind(1)
+        k = torch.tensor([e.k for e in pending], dtype=torch.float64, device=device)
+        if not torch.equal(rk.round(), k):
+            raise RuntimeError(
+                "processes disagree on the number of gradient groups per step: every process must run "
+                "the same number of backward passes (micro-batches) per optimizer step"
+            )
+        summed_loss = torch.tensor([e.summed_loss for e in pending], device=device)
+        # the weights of tr(Sigma) in E[S_small] and E[S_big] (noise_scale_from_moments)
+        a = torch.where(k >= 2, inv / k, torch.nan)
+        c = torch.where(summed_loss, 1.0 / total, inv / k.clamp_min(1) ** 2)
         big = _stack([e.big for e in pending]).to(device=device, dtype=torch.float64).square_()
-        sums = self._group_sums(pending)
-        k, a, c = torch.tensor([(e.k, e.a, e.c) for e in pending], dtype=torch.float64, device=device).unbind(1)
-        reduced = [i for i, e in enumerate(pending) if e.counts is not None]
-        if reduced:
-            at = torch.tensor(reduced, device=device)
-            rk, inv, total = torch.stack([pending[i].counts.to(device) for i in reduced]).to(torch.float64).unbind(1)  # type: ignore[union-attr]
-            if not torch.equal(rk.round(), k[at]):
-                raise RuntimeError(
-                    "processes disagree on the number of gradient groups per step: every process must run "
-                    "the same number of backward passes (micro-batches) per optimizer step"
-                )
-            summed_loss = torch.tensor([pending[i].summed_loss for i in reduced], device=device)
-            a[at] = torch.where(rk >= 2, inv / rk, torch.nan)
-            c[at] = torch.where(summed_loss, 1.0 / total, inv / rk.clamp_min(1) ** 2)
         finite = torch.isfinite(sums).all(1) & torch.isfinite(big).all(1)
         self.skipped_steps += int((~finite).sum())
         self.steps += int(finite.sum())
