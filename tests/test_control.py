@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import math
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,6 +115,16 @@ def test_batch_adapter_keeps_two_groups_on_one_device() -> None:
     unit, lo, hi = BatchSizeAdapter().batch_bounds(16, 1)
     c = BatchSizeController(unit=unit, min_batch=lo, max_batch=hi, cooldown=0)
     assert c.decide(0.1, 64, step=1).value == 32 and c.decide(0.1, 32, step=2).changed is False
+
+
+def test_batch_adapter_warns_when_it_raises_the_bounds_it_was_given() -> None:
+    one_device = SimpleNamespace(world_size=1)  # all _ensure_controller reads of the trainer
+    with pytest.warns(UserWarning, match=r"raised min_batch=16 to 32 and max_batch=16 to 32: with a micro-batch of 16"):
+        controller = BatchSizeAdapter(min_batch=16, max_batch=16)._ensure_controller(one_device, 16)
+    assert (controller.min_batch, controller.max_batch) == (32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BatchSizeAdapter(min_batch=32)._ensure_controller(one_device, 16)  # within reach: no warning
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from lightning_utilities.core.rank_zero import rank_zero_warn
+
 from lightning_gradnoise.callbacks._compat import CallbackBase, namespace_of
 from lightning_gradnoise.callbacks._logging import log_scalars
 from lightning_gradnoise.callbacks._monitor import GradNoiseMonitor, MisconfigurationError
@@ -65,7 +67,8 @@ class BatchSizeAdapter(CallbackBase):
     Args:
         min_batch, max_batch: bounds on the global batch (default: the smallest batch the monitor
             can still measure, and 1024 micro-batches per device). On one device the batch never
-            goes below two micro-batches, whatever ``min_batch`` says: with one, there is no
+            goes below two micro-batches, whatever ``min_batch`` says (a bound raised to that floor is
+            warned about): with one, there is no
             second gradient group and :math:`B_\text{simple}` would stop updating.
         band, hysteresis, cooldown, max_factor: see
             :class:`~lightning_gradnoise.control.BatchSizeController`.
@@ -135,6 +138,14 @@ class BatchSizeAdapter(CallbackBase):
     def _ensure_controller(self, trainer: Any, micro: int) -> BatchSizeController:
         if self.controller is None:
             unit, min_batch, max_batch = self.batch_bounds(micro, trainer.world_size)
+            raised = [f"{name}={asked} to {used}" for name, asked, used in
+                      (("min_batch", self.min_batch, min_batch), ("max_batch", self.max_batch, max_batch)) if asked is not None and asked < used]
+            if raised:
+                rank_zero_warn(
+                    f"BatchSizeAdapter raised {' and '.join(raised)}: with a micro-batch of {micro} on "
+                    f"{trainer.world_size} device(s), a smaller batch leaves fewer than two gradient groups per step "
+                    "and B_simple would stop updating. Use a smaller micro-batch to allow smaller batches."
+                )
             self.controller = BatchSizeController(
                 unit=unit,
                 min_batch=min_batch,
