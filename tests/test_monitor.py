@@ -9,7 +9,7 @@ import torch
 
 from helpers import NAMESPACES, LinRegTruth, linreg_module, ns, recording_logger, rel_err, trainer_kwargs
 from lightning_gradnoise import GradNoiseMonitor, MisconfigurationError
-from lightning_gradnoise.stats import gr_s, gr_t_frozen_steady_state
+from lightning_gradnoise.stats import gr_s, gr_t_frozen
 
 
 def fit(namespace, monitor, truth, steps=300, k=4, b=16, lr=0.0, logger=None, **kw):
@@ -39,7 +39,7 @@ def test_ground_truth_frozen_linear_regression(namespace) -> None:
     assert rel_err(last["gradnoise/gr_s"], float(gr_s(truth.b_simple, B))) < 0.05
     # GR_T averaged over the logged steps after burn-in (one value is a 10-step EMA: noisy)
     grt = [v for s, v in logger.series("gradnoise/gr_t") if s >= 100]
-    want = float(gr_t_frozen_steady_state(truth.b_simple / B, 0.9))
+    want = float(gr_t_frozen(truth.b_simple / B, 0.9))
     assert rel_err(sum(grt) / len(grt), want) < 0.05
     # GSNR: at w0 every element has signal; mean of g^2/sigma^2 is positive and finite
     assert 0 < last["gradnoise/gsnr"] < math.inf

@@ -14,7 +14,8 @@ from lightning_gradnoise.stats import (
     gr_s,
     gr_s_groups,
     gr_t_expected,
-    gr_t_frozen_steady_state,
+    ema_effective_steps,
+    gr_t_frozen,
     mu_from_gr_s_groups,
 )
 
@@ -144,9 +145,33 @@ def test_frozen_model_steady_state_by_simulation() -> None:
             vals.append((float(v1.sum()), float(m2.sum())))
     v1 = sum(v for v, _ in vals) / len(vals)
     m2 = sum(m for _, m in vals) / len(vals)
-    expected = float(gr_t_frozen_steady_state(truth.b_simple / B, 0.9))
+    expected = float(gr_t_frozen(truth.b_simple / B, 0.9))
     assert v1 / m2 == pytest.approx(expected, rel=0.03)
     assert float(grt.compute()) > 1.0
+
+
+def test_frozen_model_gr_t_of_a_young_ema_by_simulation() -> None:
+    # lr = 0, t steps into the EMAs: E|v_hat|_1 = |G|^2 (1 + r), E|m_hat|^2 = |G|^2 (1 + r / n_t),
+    # n_t = 1 / sum_i w_i^2 of the bias-corrected weights. Many independent runs, one TemporalRedundancy
+    # each, all advanced together as the columns of one tensor (elementwise EMAs keep them apart).
+    truth = LinRegTruth(d=6, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    B, runs = 4, 3000
+    grt = TemporalRedundancy(beta=0.9)
+    for t in range(1, 31):
+        g = per_sample_grads(truth, B * runs, gen).view(runs, B, -1).mean(1)  # [runs, d]
+        grt.update([g])
+        if t in (1, 3, 10, 30):
+            corr = 1.0 - 0.9**t
+            v1 = float(grt.v[0].sum()) / corr / runs
+            m2 = float(grt.m[0].square().sum()) / corr**2 / runs
+            assert v1 / m2 == pytest.approx(float(gr_t_frozen(truth.b_simple / B, 0.9, steps=t)), rel=0.04), t
+    assert float(gr_t_frozen(truth.b_simple / B, 0.9, steps=10_000)) == pytest.approx(float(gr_t_frozen(truth.b_simple / B, 0.9)))
+    # brute force: n_t from the weights themselves
+    w = torch.tensor([0.1 * 0.9 ** (10 - i) for i in range(1, 11)], dtype=torch.float64) / (1 - 0.9**10)
+    assert ema_effective_steps(0.9, 10) == pytest.approx(float(1 / w.square().sum()), rel=1e-12)
+    with pytest.raises(ValueError, match="steps=0"):
+        ema_effective_steps(0.9, 0)
 
 
 def test_gr_t_matches_transcription_and_skips_non_finite() -> None:

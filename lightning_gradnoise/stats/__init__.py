@@ -25,7 +25,8 @@ from lightning_gradnoise.stats._redundancy import (
     gr_s,
     gr_s_groups,
     gr_t_expected,
-    gr_t_frozen_steady_state,
+    ema_effective_steps,
+    gr_t_frozen,
     mu_from_gr_s_groups,
 )
 
@@ -42,7 +43,8 @@ __all__ = [
     "gr_s",
     "gr_s_groups",
     "gr_t_expected",
-    "gr_t_frozen_steady_state",
+    "ema_effective_steps",
+    "gr_t_frozen",
     "gsnr",
     "gsnr_layer_stats",
     "gsnr_scale",

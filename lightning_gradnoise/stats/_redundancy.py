@@ -22,7 +22,8 @@ __all__ = [
     "check_band",
     "divided_power",
     "gr_t_expected",
-    "gr_t_frozen_steady_state",
+    "ema_effective_steps",
+    "gr_t_frozen",
     "TemporalRedundancy",
 ]
 
@@ -143,17 +144,48 @@ def gr_t_expected(mu_over_b: Tensor | float, lr_lambda: Tensor | float, beta: fl
     return torch.where(valid, value, torch.full_like(value, float("nan")))
 
 
-def gr_t_frozen_steady_state(mu_over_b: Tensor | float, beta: float = 0.9) -> Tensor:
-    r"""Exact steady-state :math:`GR_T` of a frozen model (learning rate 0) with gradient noise.
+def ema_effective_steps(beta: float, steps: int | None = None) -> float:
+    r"""How many independent steps a bias-corrected EMA of ``steps`` values averages over.
+
+    With weights :math:`w_i = (1-\beta)\beta^{t-i}/(1-\beta^t)` (they sum to 1),
+
+    .. math:: n_t = \frac{1}{\sum_i w_i^2} = \frac{(1-\beta^t)^2 (1+\beta)}{(1-\beta)(1-\beta^{2t})}
+        \;\xrightarrow{t\to\infty}\; \frac{1+\beta}{1-\beta}
+
+    (``steps=None``: the limit, 19 at :math:`\beta = 0.9`).
+
+    Example:
+        >>> ema_effective_steps(0.9, 1), round(ema_effective_steps(0.9, 10), 2), round(ema_effective_steps(0.9), 2)
+        (1.0, 9.18, 19.0)
+    """
+    if not (0.0 < beta < 1.0):
+        raise ValueError(f"beta={beta!r} is out of range: expected 0 < beta < 1")
+    if steps is None:
+        return (1.0 + beta) / (1.0 - beta)
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps={steps!r} is invalid: expected an int >= 1 or None")
+    return (1.0 - beta**steps) ** 2 * (1.0 + beta) / ((1.0 - beta) * (1.0 - beta ** (2 * steps)))
+
+
+def gr_t_frozen(mu_over_b: Tensor | float, beta: float = 0.9, steps: int | None = None) -> Tensor:
+    r"""Exact expected :math:`GR_T` of a frozen model (learning rate 0) with gradient noise,
+    ``steps`` steps into its EMAs (``None``: the steady state).
 
     Each step's gradient is i.i.d. with mean :math:`G` and covariance :math:`\Sigma/B`, so
-    :math:`\mathbb{E}|\hat v|_1 \to |G|^2(1 + r)` and
-    :math:`\mathbb{E}|\hat m|^2 \to |G|^2(1 + r(1-\beta)/(1+\beta))`, :math:`r = \mu/B`:
+    :math:`\mathbb{E}|\hat v|_1 = |G|^2(1 + r)` and :math:`\mathbb{E}|\hat m|^2 = |G|^2(1 + r/n_t)`,
+    :math:`r = \mu/B`, :math:`n_t` = :func:`ema_effective_steps`:
 
-    .. math:: GR_T = \frac{1 + r}{1 + r\,(1-\beta)/(1+\beta)}
+    .. math:: GR_T = \frac{1 + r}{1 + r/n_t} \;\xrightarrow{t\to\infty}\; \frac{1 + r}{1 + r\,(1-\beta)/(1+\beta)}
+
+    A young EMA reads low whatever the learning rate: with pure noise (:math:`r \to \infty`)
+    :math:`GR_T \to n_t`, about 9.2 after 10 steps at :math:`\beta = 0.9`, against a target of 20.
+
+    Example:
+        >>> round(float(gr_t_frozen(1e9)), 2), round(float(gr_t_frozen(1e9, steps=10)), 2)
+        (19.0, 9.18)
     """
     r = torch.as_tensor(mu_over_b, dtype=torch.float64)
-    return (1.0 + r) / (1.0 + r * (1.0 - beta) / (1.0 + beta))
+    return (1.0 + r) / (1.0 + r / ema_effective_steps(beta, steps))
 
 
 class TemporalRedundancy:
