@@ -14,6 +14,7 @@ from helpers import LinRegTruth, linreg_module, ns, recording_logger, trainer_kw
 from lightning_gradnoise import BatchSizeAdapter, GradNoiseMonitor, LRAdapter, MisconfigurationError
 from lightning_gradnoise.control import BatchSizeController, LRController, lr_rule_for
 from lightning_gradnoise.optim import LAMB, LARS, create_optimizer
+from lightning_gradnoise.stats import ema_effective_steps
 from test_ddp import launch
 
 
@@ -68,6 +69,19 @@ def test_batch_decision_uses_the_configured_batch_not_a_short_window() -> None:
     assert float(gr_s(40.0, 16)) > 0.65 > 0.5 > float(gr_s(40.0, 64))
     assert c.decide_from_noise_scale(40.0, 64, step=1).value == 32
     assert c.decide_from_noise_scale(float("nan"), 64, step=2).changed is False
+
+
+def test_lr_rule_discounts_the_target_for_a_young_gr_t_ema() -> None:
+    # After t steps a frozen model's GR_T reads (1 + r)/(1 + r/n_t) <= n_t (stats.gr_t_frozen), 9.18
+    # at t = 10: a reading of 12 then is not "far below 20", it is above what pure noise gives.
+    c = LRController(target=20, tolerance=1.5, cooldown=0)
+    young = 20 * ema_effective_steps(0.9, 10) / ema_effective_steps(0.9)
+    assert c.decide(12.0, 1.0, step=10, age=10).changed is False
+    assert f"near {young:.3g}" in c.decide(12.0, 1.0, step=11, age=10).reason
+    assert c.decide(12.0, 1.0, step=12).value > 1.0  # no age: the steady-state target
+    assert c.decide(12.0, 1.0, step=13, age=10_000).value > 1.0  # an old EMA: the same
+    assert c.decide(30.0, 1.0, step=14, age=10).value < 1.0  # above what a young EMA can read: lower it
+    assert c.decide(3.0, 1.0, step=15, age=10).value > 1.0
 
 
 def test_lr_rule_steps_in_proportion_to_the_distance_from_target() -> None:

@@ -273,7 +273,8 @@ class LRAdapter(CallbackBase):
         if batch is not None and batch.last_change > 0 and trainer.global_step - batch.last_change < self.controller.cooldown:
             return  # GR_T's EMAs still span the batch before the change: wait a cooldown
         mu_over_b = latest.get("b_simple", float("nan")) / (latest.get("batch_size") or float("nan"))
-        decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step, mu_over_b)
+        age = self.monitor.tracker.temporal.count if self.monitor.tracker is not None else None
+        decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step, mu_over_b, age)
         new_scale, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
         if not changed:
             return

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr_s, check_band, gr_t_expected
+from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr_s, check_band, ema_effective_steps, gr_t_expected
 from lightning_gradnoise.stats import gr_s as gr_s_at
 
 __all__ = ["Decision", "BatchSizeController", "LRController", "gr_t_target", "lr_rule_for", "ADAM_STYLE", "SGD_STYLE"]
@@ -214,9 +214,16 @@ class LRController:
         if not (isinstance(self.cooldown, int) and self.cooldown >= 0):
             raise ValueError(f"cooldown={self.cooldown!r} must be an int >= 0")
 
-    def decide(self, gr_t: float, scale: float, step: int, mu_over_b: float | None = None) -> Decision:
+    def decide(self, gr_t: float, scale: float, step: int, mu_over_b: float | None = None, age: int | None = None) -> Decision:
         """The multiplier for the next steps, from the current :math:`GR_T` (and, for
-        ``target="auto"``, :math:`r = B_\text{simple}/B`)."""
+        ``target="auto"``, :math:`r = B_\text{simple}/B`).
+
+        ``age``: how many steps :math:`GR_T`'s EMAs have seen. A young EMA reads low whatever the
+        learning rate (:func:`~lightning_gradnoise.stats.gr_t_frozen`: with pure noise it reads
+        :math:`n_t`, the EMA's effective number of steps, about 9.2 after 10 steps), so the
+        target is scaled by :math:`n_t / n_\infty` (:func:`~lightning_gradnoise.stats.ema_effective_steps`),
+        the noise-dominated limit where :math:`GR_T` near its target lives. Without it, early
+        decisions raise the learning rate on a reading that says nothing about it."""
         if not math.isfinite(gr_t) or gr_t <= 0:
             return Decision(scale, False, "no GR_T estimate yet")
         if step - self.last_change < self.cooldown:
@@ -227,6 +234,8 @@ class LRController:
             target = gr_t_target(mu_over_b, self.beta)
         else:
             target = float(self.target)
+        if age is not None:
+            target *= ema_effective_steps(self.beta, max(int(age), 1)) / ema_effective_steps(self.beta)
         if gr_t > target * self.tolerance:
             why = f"GR_T {gr_t:.1f} above {target:.3g}: lower the learning rate"
         elif gr_t < target / self.tolerance:
