@@ -195,7 +195,7 @@ class LRController:
     min_scale: float = 1e-3
     max_scale: float = 1e3
     gain: float = 0.5
-    beta: float = 0.9  # GR_T's EMA decay, for target="auto"
+    beta: float = 0.9  # GR_T's EMA decay: for target="auto" and the age discount
     last_change: int = 0  # the first decision waits one cooldown: the EMAs need steps first
 
     def __post_init__(self) -> None:
