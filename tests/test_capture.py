@@ -43,6 +43,53 @@ def test_unused_parameter_counts_as_zero_and_shared_weight_once() -> None:
     assert float(c2.group_sq_norms()[0, 0]) == pytest.approx(float(lin.weight.grad.square().sum()), rel=1e-6)
 
 
+def test_final_mode_reads_grad_at_the_end_of_backward_like_the_hooks() -> None:
+    # one group per step from zeroed gradients: the end-of-backward read equals the per-tensor
+    # hooks, unused tensors count as zero, and the elementwise squares agree too
+    torch.manual_seed(3)
+    model = TwoHeads()
+    got = {}
+    for mode in ("hooks", "final"):
+        col = GradientMomentCollector(model, elementwise=True, mode=mode).attach()
+        rows = []
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            x = torch.randn(6, 3, generator=torch.Generator().manual_seed(step))
+            loss = model(x).square().mean() * 2.0
+            col.begin_group(scale=0.5, size=6, loss=loss)
+            loss.backward()
+            col.end_group()
+            rows.append(col.group_sq_norms())
+            squares = [t.clone() for t in col.elementwise_sq_sum()]
+            col.reset()
+        got[mode] = (torch.cat(rows), squares)
+        col.detach()
+    assert torch.equal(got["hooks"][0], got["final"][0])
+    unused = [i for i, n in enumerate(col.names) if n.startswith("unused")]
+    assert bool((got["final"][0][:, unused] == 0).all()) and bool((got["final"][0][:, :4] > 0).all())
+    # against .grad itself, descaled: |0.5 * grad|^2
+    want = torch.stack([(0.5 * p.grad).square().sum() if p.grad is not None else torch.tensor(0.0) for p in model.parameters()])
+    assert torch.allclose(got["final"][0][-1].float(), want, rtol=1e-6)
+    for a, b in zip(*(got[m][1] for m in ("hooks", "final"))):
+        assert torch.equal(a, b)
+
+
+def test_final_mode_needs_the_loss() -> None:
+    model = nn.Linear(2, 1)
+    col = GradientMomentCollector(model, mode="final").attach()
+    with pytest.raises(ValueError, match="needs the group's loss"):
+        col.begin_group()
+    with pytest.raises(ValueError, match="needs the group's loss"):
+        col.begin_group(loss=torch.ones(()))  # does not require grad
+    loss = model(torch.ones(1, 2)).sum()
+    col.begin_group(loss=loss)
+    loss.backward()
+    col.end_group()
+    assert col.num_groups == 1 and float(col.group_sq_norms().sum()) == pytest.approx(
+        sum(float(p.grad.square().sum()) for p in model.parameters()), rel=1e-6
+    )
+
+
 def test_scale_undoes_loss_scaling_exactly_in_float64() -> None:
     torch.manual_seed(1)
     model = nn.Linear(4, 2).double()

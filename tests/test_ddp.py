@@ -44,16 +44,26 @@ def test_frozen_linear_regression_b_simple_and_identical_ranks(tmp_path, reducti
     assert rel_err(last["grad_sq"], truth.grad_sq) < 0.05
 
 
-def test_per_device_norms_equal_brute_force_from_each_ranks_data(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("accumulate", "opts", "mode", "registered"),
+    [
+        (2, {}, "hooks", True),  # micro-batches: per-tensor hooks; GSNR on every step packed by the hook
+        (1, {"every": 50}, "final", False),  # .grad read at the end of backward, DDP's own all-reduce
+        (1, {"every": 50, "moments_hook": "always"}, "external", True),  # read from DDP's buckets
+    ],
+    ids=["accumulate2-hooks", "final", "comm-hook"],
+)
+def test_per_device_norms_equal_brute_force_from_each_ranks_data(tmp_path, accumulate, opts, mode, registered) -> None:
     # run through pytorch_lightning's registry ("gnddp" there); the other tests use lightning.pytorch
     truth = LinRegTruth(d=8, seed=0)
     w = truth.w0.double()
-    ranks = launch(tmp_path, "norms", steps=3, accumulate=2, namespace="pytorch_lightning")
+    ranks = launch(tmp_path, "norms", steps=3, accumulate=accumulate, namespace="pytorch_lightning", **opts)
     assert ranks[0]["strategy"].endswith("GradNoiseDDPStrategy") and ranks[0]["rows"] == ranks[1]["rows"]
+    assert ranks[0]["capture_mode"] == mode and ranks[0]["hook_registered"] == registered
     for rank in ranks:
         batches = [r for r in rank["records"] if "x" in r]
         norms = [r for r in rank["records"] if "group_sq" in r]
-        assert len(batches) == 6 and len(norms) == 3
+        assert len(batches) == 3 * accumulate and len(norms) == 3
         for step in range(3):
             got = torch.tensor(norms[step]["group_sq"], dtype=torch.float64)  # [local groups, tensors]
             mine = [bt for bt in batches if bt["step"] == step]
@@ -81,9 +91,26 @@ def test_trajectory_is_bit_identical_to_plain_ddp_and_plain_ddp_monitor_agrees(t
         for key in ("b_simple", "gr_t", "gsnr", "grad_sq"):
             assert row_gn[key] == pytest.approx(row_beside[key], rel=1e-12), key
     assert ddp_monitor[0]["weight"] == plain[0]["weight"]
+    assert gn[0]["hook_registered"] and gn[0]["capture_mode"] == "hooks"  # GSNR on every step: packed
     for row_gn, row_ddp in zip(gn[0]["rows"], ddp_monitor[0]["rows"]):
         for key in ("b_simple", "gr_t", "gsnr", "grad_sq"):
             assert row_gn[key] == pytest.approx(row_ddp[key], rel=1e-5), key
+
+
+def test_without_accumulation_ddp_keeps_its_own_all_reduce_and_the_trajectory(tmp_path) -> None:
+    # GSNR every 10 steps: no comm hook; .grad is read at the end of backward, before DDP writes
+    # the average back, and the logged steps' elementwise moments go in an all-reduce of their own
+    common = dict(steps=30, accumulate=1, lr=0.05, every=10)
+    plain = launch(tmp_path, "traj", strategy="ddp", monitor=0, **common)
+    final = launch(tmp_path, "traj", strategy="gnddp", **common)
+    packed = launch(tmp_path, "traj", strategy="gnddp", moments_hook="always", **common)
+    assert final[0]["capture_mode"] == "final" and not final[0]["hook_registered"]
+    assert packed[0]["capture_mode"] == "external" and packed[0]["hook_registered"]
+    assert final[0]["weight"] == final[1]["weight"] == plain[0]["weight"] == packed[0]["weight"]
+    assert final[0]["rows"] == final[1]["rows"] and len(final[0]["rows"]) == 3
+    for row_final, row_packed in zip(final[0]["rows"], packed[0]["rows"], strict=True):
+        for key in ("b_simple", "gr_t", "gsnr", "grad_sq", "trace_cov"):
+            assert row_final[key] == pytest.approx(row_packed[key], rel=1e-6), key
 
 
 def test_unused_parameters_and_composed_fp16_hooks(tmp_path) -> None:
@@ -124,6 +151,15 @@ def test_one_strategy_object_is_accepted_by_either_trainer(namespace) -> None:
     assert trainer.strategy is strategy and type(strategy) is strategy_class(namespace)
     assert isinstance(strategy, L.strategies.DDPStrategy)
     assert strategy._ddp_kwargs == {"find_unused_parameters": True, "static_graph": False}
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_moments_hook_is_validated(namespace) -> None:
+    with pytest.raises(ValueError, match=r"moments_hook='sometimes' is invalid: expected one of \('auto', 'always'\)"):
+        strategy_class(namespace)(moments_hook="sometimes")
+    with pytest.raises(ValueError, match="moments_hook"):
+        GradNoiseDDPStrategy(moments_hook=True)
+    assert strategy_class(namespace)(moments_hook="always").moments_hook == "always"
 
 
 def test_model_averaging_is_refused_with_a_fix() -> None:

@@ -23,13 +23,14 @@ def launch(tmp_path: Path, scenario: str, **opts) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_two_processes_measure_what_one_process_measures_from_the_same_groups(tmp_path, accumulate) -> None:
+@pytest.mark.parametrize(("accumulate", "mode"), [(1, "external"), (1, "final"), (2, "hooks")])
+def test_two_processes_measure_what_one_process_measures_from_the_same_groups(tmp_path, accumulate, mode) -> None:
     """2 processes x ``accumulate`` micro-batches against one process whose groups are the same
     micro-batches: the same estimator on the same numbers, so the same statistics up to float
-    rounding. accumulate=1: the hook reads each process's gradient from DDP's bucket
-    (mode="external"); 2: per-tensor hooks. GSNR's elementwise moments ride in DDP's all-reduce."""
-    ranks = launch(tmp_path, "match", accumulate=accumulate, steps=30, every=10)
+    rounding. external: the hook reads each process's gradient from DDP's bucket; final: no hook,
+    ``.grad`` read at the end of backward before DDP writes the average back; hooks: per-tensor
+    hooks. GSNR's elementwise moments ride in DDP's all-reduce, except without the hook."""
+    ranks = launch(tmp_path, "match", accumulate=accumulate, steps=30, every=10, mode=mode)
     assert ranks[0]["error"] is None and ranks[1]["error"] is None
     assert [r["ddp"] for r in ranks[0]["rows"]] == [r["ddp"] for r in ranks[1]["rows"]]  # identical on every rank
     assert [r["step"] for r in ranks[0]["rows"]] == [9, 19, 29]
@@ -38,7 +39,8 @@ def test_two_processes_measure_what_one_process_measures_from_the_same_groups(tm
         assert got["batch_size"] == want["batch_size"] == 32 * accumulate
         for key in ("b_simple", "grad_sq", "trace_cov", "gr_s", "gsnr"):
             assert got[key] == pytest.approx(want[key], rel=1e-4), key
-        assert row["packed_bytes"] > 0  # the elementwise moments travelled with the gradients
+        # the elementwise moments travelled with the gradients, or (no hook) on their own
+        assert (row["packed_bytes"] > 0) == (mode != "final")
 
 
 def test_processes_with_different_numbers_of_micro_batches_are_told(tmp_path) -> None:

@@ -121,11 +121,15 @@ class GradNoiseMonitor(CallbackBase):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self.check_trainer(trainer, pl_module)
+            comm = getattr(trainer.strategy, "gradnoise", None)
+            if comm is not None and "gsnr" in self.statistics and self._every(trainer) == 1:
+                comm.request_packing()  # elementwise moments on every step: in DDP's own all-reduce
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Under strategy="gnddp" the moments ride in DDP's own all-reduce; elsewhere the tracker
         # makes one small all-reduce of its own per step (plain "ddp").
-        self._comm = getattr(trainer.strategy, "gradnoise", None)
+        comm = getattr(trainer.strategy, "gradnoise", None)
+        self._comm = comm if comm is not None and comm.registered else None
         self.tracker = GradNoiseTracker(
             pl_module.named_parameters(),
             self.statistics,
@@ -143,13 +147,19 @@ class GradNoiseMonitor(CallbackBase):
     def capture_mode(self, trainer: Any) -> str:
         """How the collector sees each group's gradient on this Trainer (see GradientMomentCollector).
 
-        One process: ``"swap"`` (no per-tensor hook). ``gnddp`` without accumulation:
-        ``"external"``, read by the communication hook from DDP's buckets. Otherwise (DDP with
-        accumulation, plain ``ddp``): ``"hooks"``, since DDP's reducer owns ``.grad`` in backward."""
+        One process: ``"swap"`` (no per-tensor hook). Under DDP without accumulation:
+        ``"external"`` when ``gnddp``'s communication hook reads DDP's buckets, otherwise
+        ``"final"`` (``.grad`` read once at the end of backward, before DDP writes the averaged
+        gradient back), or ``"hooks"`` with ``gradient_as_bucket_view=True``. With accumulation
+        under DDP: ``"hooks"``, since DDP's reducer owns ``.grad`` in backward."""
         if self._comm is not None:
             return "external" if trainer.accumulate_grad_batches == 1 else "hooks"
+        strategy = trainer.strategy
         ddp = namespace_of(trainer).strategies.DDPStrategy
-        return "swap" if trainer.world_size == 1 and not isinstance(trainer.strategy, ddp) else "hooks"
+        if trainer.world_size == 1 and not isinstance(strategy, ddp):
+            return "swap"
+        bucket_view = bool(getattr(strategy, "_ddp_kwargs", {}).get("gradient_as_bucket_view", False))
+        return "final" if trainer.accumulate_grad_batches == 1 and not bucket_view else "hooks"
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._release()
@@ -197,7 +207,7 @@ class GradNoiseMonitor(CallbackBase):
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         assert self.tracker is not None
         scale = self._step_scale / self._micro_size if self.loss_reduction == "sum" else self._step_scale
-        self.tracker.begin_group(scale=scale, size=self._micro_size)
+        self.tracker.begin_group(scale=scale, size=self._micro_size, loss=loss)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         assert self.tracker is not None

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 __all__ = ["GradientMomentCollector", "size_sums"]
 
-MODES = ("hooks", "swap", "external")
+MODES = ("hooks", "swap", "final", "external")
 NamedParams = Union[nn.Module, Iterable[tuple[str, nn.Parameter]]]
 
 
@@ -42,6 +42,13 @@ class GradientMomentCollector:
       and adds the set-aside gradient back in place, the very addition autograd would have done
       (bit-identical ``.grad``, no extra memory). No per-tensor Python call: several times cheaper
       for small models. Not for DDP, whose reducer owns ``.grad`` during backward.
+    - ``mode="final"``: :meth:`begin_group` is given the group's loss; a hook on it queues one
+      callback on the autograd engine that reads every ``.grad`` in one multi-tensor kernel
+      when backward has finished, before any callback queued later. Under DDP (without
+      ``gradient_as_bucket_view``) that is before the reducer writes the averaged gradient
+      back: ``.grad`` is still this process's own, so DDP needs no communication hook and no
+      per-tensor Python hook runs. Each group must start from zeroed gradients (one backward
+      per optimizer step, no accumulation).
     - ``mode="external"``: nothing is hooked; whoever sees the group's gradient calls
       :meth:`record` (the DDP communication hook does, from each bucket, when each process's
       group is its whole local batch, i.e. without gradient accumulation).
@@ -90,6 +97,7 @@ class GradientMomentCollector:
         self._sq_sum: list[Tensor | None] = [None] * len(self.params)
         self._device = self.params[0].device
         self._zero = torch.zeros((), device=self._device)
+        self._all = list(range(len(self.params)))
         self._attached = False
         self._stale = False
         self._saved: list[Tensor | None] | None = None
@@ -153,11 +161,20 @@ class GradientMomentCollector:
             self._sq_sum = [None] * len(self.params)
 
     # -- groups -------------------------------------------------------------------------------
-    def begin_group(self, scale: float = 1.0, size: int | None = None) -> None:
+    def begin_group(self, scale: float = 1.0, size: int | None = None, loss: Tensor | None = None) -> None:
         """Start recording one group (one backward). ``scale`` maps raw gradients to the group's
-        mean gradient; ``size`` is the group's number of samples."""
+        mean gradient; ``size`` is the group's number of samples; ``loss``, the tensor that
+        backward starts from (or any tensor on its way to the parameters), is needed by
+        ``mode="final"`` and ignored otherwise."""
         if self._scale is not None:
             raise RuntimeError("begin_group() called twice without end_group()")
+        if self.mode == "final" and self._attached:
+            if loss is None or not loss.requires_grad:
+                raise ValueError(
+                    f"mode='final' reads .grad at the end of backward and needs the group's loss: "
+                    f"begin_group(..., loss=loss) with a loss that requires grad (got {type(loss).__name__})"
+                )
+            loss.register_hook(self._queue_read)
         self._scale = float(scale)
         self._group_sizes.append(size)
         if self._stale:
@@ -242,6 +259,21 @@ class GradientMomentCollector:
         # zeroed when the next group begins, not now: a VR optimizer may still read this step's
         # moments (handed over by reference) after the step's statistics are done
         self._stale = True
+
+    def _queue_read(self, grad: Tensor) -> None:
+        # Runs as backward starts: the callback is queued before DDP's reducer queues its own
+        # (when the last bucket is ready), and the engine runs callbacks in order.
+        torch.autograd.Variable._execution_engine.queue_callback(self._read_grads)
+
+    def _read_grads(self) -> None:
+        if self._scale is None:
+            return
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):  # unused in this backward: counted as zero
+            idx = [i for i, g in enumerate(grads) if g is not None]
+            self._take(idx, [grads[i] for i in idx])
+        else:
+            self._take(self._all, grads)  # type: ignore[arg-type]
 
     def _on_grad(self, index: int, grad: Tensor) -> None:
         # The hot path: one kernel per parameter and backward (the scale is applied per group).

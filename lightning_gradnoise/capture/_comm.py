@@ -74,6 +74,12 @@ class GradNoiseCommState:
         self._world: tuple[Any, int] | None = None
         self.last_packed_bytes = 0
         """Bytes this process added to the collectives of the last step taken."""
+        self.pack_requested = False
+        """Set by a consumer that needs elementwise moments on every step, before DDP is set up
+        (:meth:`request_packing`)."""
+        self.registered = False
+        """Whether :func:`gradnoise_comm_hook` was registered with this state (set by whoever
+        registers it; ``strategy="gnddp"`` does)."""
         if collector is not None:
             self.bind(collector)
 
@@ -82,6 +88,11 @@ class GradNoiseCommState:
         self.collector = collector
         self._index = {} if collector is None else {id(p): i for i, p in enumerate(collector.params)}
         self._raw = []
+
+    def request_packing(self) -> None:
+        """Ask for the hook: a consumer needs elementwise moments on every step, cheapest packed
+        into DDP's own all-reduce. Takes effect when DDP is set up (call it before)."""
+        self.pack_requested = True
 
     def take(self) -> ReducedMoments | None:
         """The elementwise moments reduced since the last call, or ``None`` if no all-reduce

@@ -176,8 +176,8 @@ class GradNoiseTracker:
         self.collector.reset()
         self.collector.set_elementwise(elementwise and "gsnr" in self.statistics)
 
-    def begin_group(self, scale: float = 1.0, size: int | None = None) -> None:
-        self.collector.begin_group(scale, size)
+    def begin_group(self, scale: float = 1.0, size: int | None = None, loss: Tensor | None = None) -> None:
+        self.collector.begin_group(scale, size, loss)
 
     def end_group(self) -> None:
         self.collector.end_group()

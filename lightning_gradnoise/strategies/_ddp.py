@@ -5,6 +5,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
 from lightning_gradnoise.callbacks._compat import NAMESPACES
 from lightning_gradnoise.callbacks._monitor import MisconfigurationError
 from lightning_gradnoise.capture import GradNoiseCommState, gradnoise_comm_hook
@@ -17,21 +19,37 @@ STRATEGY_NAMES = tuple(name for name, _ in _START_METHODS) + tuple(
 )
 """Every name registered in the Lightning strategy registries."""
 
-_DOC = r"""Lightning's ``DDPStrategy`` whose gradient all-reduce also carries gradient-noise moments.
+_HOOK_CHOICES = ("auto", "always")
 
-    Every ``DDPStrategy`` argument works as there. A communication hook
-    (:func:`~lightning_gradnoise.capture.gradnoise_comm_hook`) is registered on every device
-    type, gloo on CPU included (Lightning registers hooks only on CUDA). Without gradient
-    accumulation it reads each process's gradient norms from DDP's own buckets before they are
-    reduced, so no per-tensor autograd hook runs. No step communicates anything for the scalar
-    statistics: :class:`~lightning_gradnoise.GradNoiseMonitor` sums every process's per-step
-    moments (one float per parameter tensor and three counts) in one small all-reduce when it
-    folds the steps since the last log into its statistics. Only on steps where GSNR is measured
-    do the elementwise :math:`\sum_j g_j^2` travel, appended to DDP's buckets (of up to
-    :data:`~lightning_gradnoise.capture.PACK_LIMIT` elements; beside a bigger one in an
-    all-reduce of their own). The gradients themselves are reduced exactly as DDP does (divided
-    by the world size, then summed). A user's ``ddp_comm_hook`` still reduces the gradients and a
-    ``ddp_comm_wrapper`` (e.g. fp16 compression) wraps the whole hook.
+_DOC = r"""Lightning's ``DDPStrategy`` that measures every device's gradient moments at DDP's own
+    all-reduce.
+
+    Every ``DDPStrategy`` argument works as there, and one more:
+
+    Args:
+        moments_hook: ``"auto"`` (default) or ``"always"``: when to register the communication
+            hook :func:`~lightning_gradnoise.capture.gradnoise_comm_hook`, which reads each
+            device's gradient from DDP's buckets before they are reduced and packs elementwise
+            moments into DDP's own collective. ``"auto"`` registers it only where it is the
+            cheaper way: when a consumer needs the elementwise moments on every step (the VR
+            optimizers' :class:`~lightning_gradnoise.VRMoments`, GSNR logged on every step) or
+            with ``gradient_as_bucket_view=True`` (``.grad`` is then DDP's bucket, divided in
+            place). Otherwise DDP keeps its built-in C++ all-reduce, and
+            :class:`~lightning_gradnoise.GradNoiseMonitor` reads each device's ``.grad`` once at
+            the end of backward, before DDP writes the averaged gradient back; the elementwise
+            moments of a step that logs GSNR then travel in one all-reduce of their own. A Python
+            communication hook on every step costs more than that extra all-reduce on every N-th
+            step (see the README's speed section).
+
+    No step communicates anything for the scalar statistics:
+    :class:`~lightning_gradnoise.GradNoiseMonitor` sums every process's per-step moments (one
+    float per parameter tensor and three counts) in one small all-reduce when it folds the steps
+    since the last log into its statistics. Where the hook is registered it runs on every device
+    type, gloo on CPU included (Lightning registers hooks only on CUDA); the gradients are
+    reduced exactly as DDP does (divided by the world size, then summed). A user's
+    ``ddp_comm_hook`` still reduces the gradients, and a ``ddp_comm_wrapper`` (e.g. fp16
+    compression) wraps the whole hook; without our hook they are registered on every device
+    too (a wrapper alone wraps torch's default all-reduce hook).
 
     Registered as ``"gnddp"``, ``"gnddp_spawn"``, ``"gnddp_fork"``, ``"gnddp_notebook"`` and their
     ``_find_unused_parameters_{true,false}`` variants in both Lightning namespaces.
@@ -50,8 +68,11 @@ def _make(ns: ModuleType) -> type:
     class _GradNoiseDDPStrategy(base):  # type: ignore[misc, valid-type]
         __doc__ = _DOC
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, moments_hook: str = "auto", **kwargs: Any) -> None:
+            if moments_hook not in _HOOK_CHOICES:
+                raise ValueError(f"moments_hook={moments_hook!r} is invalid: expected one of {_HOOK_CHOICES}")
             super().__init__(*args, **kwargs)
+            self.moments_hook = moments_hook
             self.gradnoise = GradNoiseCommState()
 
         def check_supported(self) -> None:
@@ -70,14 +91,23 @@ def _make(ns: ModuleType) -> type:
             super().setup(trainer)
 
         def _register_ddp_hooks(self) -> None:
-            # Lightning registers communication hooks on CUDA only; this one runs on every device.
+            # Lightning registers communication hooks on CUDA only; these run on every device.
             state = self.gradnoise
             state.process_group = self._ddp_kwargs.get("process_group")
-            state.inner_hook, state.inner_state = self._ddp_comm_hook, self._ddp_comm_state
-            hook = gradnoise_comm_hook
+            bucket_view = bool(self._ddp_kwargs.get("gradient_as_bucket_view", False))
+            state.registered = self.moments_hook == "always" or state.pack_requested or bucket_view
+            if state.registered:
+                state.inner_hook, state.inner_state = self._ddp_comm_hook, self._ddp_comm_state
+                hook, hook_state = gradnoise_comm_hook, state
+            elif self._ddp_comm_hook is not None:
+                hook, hook_state = self._ddp_comm_hook, self._ddp_comm_state
+            elif self._ddp_comm_wrapper is not None:
+                hook, hook_state = default_hooks.allreduce_hook, state.process_group
+            else:
+                return  # DDP's built-in all-reduce
             if self._ddp_comm_wrapper is not None:
                 hook = self._ddp_comm_wrapper(hook)
-            self.model.register_comm_hook(state, hook)
+            self.model.register_comm_hook(hook_state, hook)
 
         @classmethod
         def register_strategies(cls, strategy_registry: Any) -> None:
@@ -123,7 +153,8 @@ class GradNoiseDDPStrategy(*_TWINS.values()):  # type: ignore[misc]
     arguments, the strategy class of that Trainer's namespace (:func:`strategy_class`).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, moments_hook: str = "auto", **kwargs: Any) -> None:
+        kwargs["moments_hook"] = moments_hook
         self._gradnoise_init = (args, kwargs)
         next(iter(_TWINS.values())).__init__(self, *args, **kwargs)
 

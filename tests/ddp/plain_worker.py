@@ -54,11 +54,13 @@ def run(rank: int, port: int, scenario: str, outdir: str, opts: dict) -> None:
     accumulate, steps, every = int(opts.get("accumulate", 2)), int(opts.get("steps", 40)), int(opts.get("every", 10))
     mine = accumulate + (1 if scenario == "disagree" and rank == 1 else 0)
     model = model_at(truth)  # frozen: no optimizer step, so every step has the same truth
-    mode = "external" if accumulate == 1 else "hooks"  # external: the hook reads DDP's buckets
+    # external: the hook reads DDP's buckets; final: no hook, .grad read at the end of backward
+    mode = opts.get("mode") or ("external" if accumulate == 1 else "hooks")
     tracker = GradNoiseTracker(model, statistics=STATS, ema_decay=0.9, mode=mode).attach()
     ddp = nn.parallel.DistributedDataParallel(model)
     state = GradNoiseCommState(tracker.collector)
-    ddp.register_comm_hook(state, gradnoise_comm_hook)
+    if mode != "final":
+        ddp.register_comm_hook(state, gradnoise_comm_hook)
     solo = dist.new_group([0])  # the reference's own group of one: no collective (every rank creates it)
     ref_model = model_at(truth)
     ref = GradNoiseTracker(ref_model, statistics=STATS, ema_decay=0.9, mode="swap").attach()
@@ -70,12 +72,13 @@ def run(rank: int, port: int, scenario: str, outdir: str, opts: dict) -> None:
             ddp.zero_grad()
             tracker.begin_step(elementwise=summarize)
             for i, (x, y) in enumerate(micro):
-                tracker.begin_group(scale=mine, size=len(x))
                 ctx = ddp.no_sync() if i < mine - 1 else contextlib.nullcontext()
                 with ctx:
-                    (loss_fn(ddp(x), y) / mine).backward()
+                    loss = loss_fn(ddp(x), y) / mine
+                    tracker.begin_group(scale=mine, size=len(x), loss=loss)
+                    loss.backward()
                 tracker.end_group()
-            reduced = state.take()
+            reduced = state.take() if mode != "final" else None
             summary = tracker.finish_step(loss_divisor=mine, summarize=summarize, reduced=reduced)
             if summary is None:
                 continue

@@ -80,6 +80,8 @@ def main() -> None:
             Count.accumulate.append(trainer.accumulate_grad_batches)
 
     callbacks.append(Count())
+    if "moments_hook" in opts:
+        kw["moments_hook"] = opts["moments_hook"]
     if kw:
         from lightning_gradnoise.strategies import strategy_class
 
@@ -120,6 +122,8 @@ def main() -> None:
         "final_accumulate": trainer.accumulate_grad_batches,
         "lr_scales": [a.lr_scale for a in adapters],
         "strategy": type(trainer.strategy).__module__ + "." + type(trainer.strategy).__name__,
+        "capture_mode": monitor.tracker.collector.mode if monitor.tracker is not None else None,
+        "hook_registered": getattr(getattr(trainer.strategy, "gradnoise", None), "registered", None),
     }
     with open(os.path.join(outdir, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(out, f)
