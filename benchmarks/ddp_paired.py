@@ -1,12 +1,14 @@
-"""gnddp's hook + the tracker against plain DDP in the same run: two CPU processes (gloo), no Lightning.
+"""The tracker under DDP against plain DDP in the same run: two CPU processes (gloo), no Lightning.
 
-    python benchmarks/ddp_paired.py [--steps 400] [--repeats 5] [--hidden 128] [--every 51] [--hook-only]
+    python benchmarks/ddp_paired.py [--steps 400] [--repeats 5] [--hidden 128] [--every 51] [--capture final|hook] [--hook-only]
 
 Each process holds two copies of the digits MLP: one wrapped in plain DistributedDataParallel
-(DDP's built-in all-reduce), one in DistributedDataParallel with ``gradnoise_comm_hook`` and a
-``GradNoiseTracker`` (mode "external": the hook reads each process's norms from the bucket;
-B_simple and GR_S, summarized every ``--every`` steps, when the steps since the last summary are
-summed over processes in one all-reduce). Steps alternate between the two on the same batches,
+(DDP's built-in all-reduce), one with a ``GradNoiseTracker`` (B_simple and GR_S, summarized
+every ``--every`` steps, when the steps since the last summary are summed over processes in one
+all-reduce). ``--capture final`` (default, gnddp's path without a consumer of elementwise
+moments on every step): no communication hook, each process's ``.grad`` read at the end of
+backward (mode "final"). ``--capture hook``: ``gradnoise_comm_hook`` registered, reading each
+process's norms from the bucket (mode "external"). Steps alternate between the two on the same batches,
 so both see the same drift of this shared machine. Per fit: the median step with the monitor
 over the median step without it (the typical step), and the same for means (which also counts
 the summarized steps). Printed: the median over fits, and the range. ``--hook-only`` registers the
@@ -40,10 +42,12 @@ def fit(rank: int, args: argparse.Namespace, seed: int) -> tuple[float, float]:
     plain_net, gn_net = net, DigitsMLP(hidden=args.hidden).net
     gn_net.load_state_dict(net.state_dict())
     plain = nn.parallel.DistributedDataParallel(plain_net)
-    tracker = GradNoiseTracker(gn_net, statistics=("b_simple", "gr_s"), mode="external").attach()
+    hooked = args.hook_only or args.capture == "hook"
+    tracker = GradNoiseTracker(gn_net, statistics=("b_simple", "gr_s"), mode="external" if hooked else "final").attach()
     gn = nn.parallel.DistributedDataParallel(gn_net)
     state = GradNoiseCommState(None if args.hook_only else tracker.collector)
-    gn.register_comm_hook(state, gradnoise_comm_hook)
+    if hooked:
+        gn.register_comm_hook(state, gradnoise_comm_hook)
     opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, gn)}
     loader, _ = digits_loaders(args.micro_batch, seed=seed)
     shard = [b for i, b in enumerate(loader) if i % 2 == rank]
@@ -58,11 +62,13 @@ def fit(rank: int, args: argparse.Namespace, seed: int) -> tuple[float, float]:
         opt.zero_grad()
         if monitored and not args.hook_only:
             tracker.begin_step()
-            tracker.begin_group(scale=1.0, size=len(x))
-        nn.functional.cross_entropy(model(x), y).backward()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if monitored and not args.hook_only:
+            tracker.begin_group(scale=1.0, size=len(x), loss=loss)
+        loss.backward()
         if monitored and not args.hook_only:
             tracker.end_group()
-            out = tracker.finish_step(summarize=(step // 2) % args.every == args.every - 1, reduced=state.take())
+            out = tracker.finish_step(summarize=(step // 2) % args.every == args.every - 1, reduced=state.take() if hooked else None)
             summaries += out is not None
         opt.step()
         if step >= 20:
@@ -85,7 +91,7 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
         print(f"digits MLP (hidden {args.hidden}, {params} parameters), 2 CPU processes (gloo), micro-batch {args.micro_batch}, "
               f"{args.steps} steps each x {args.repeats} fits, summary every {args.every} steps (torch {torch.__version__})")
         print(f"plain DDP step: {off:.3f} ms (median)")
-        what = "gnddp hook alone" if args.hook_only else "gnddp hook + tracker"
+        what = "hook alone" if args.hook_only else ("hook + tracker" if args.capture == "hook" else "tracker, no hook")
         print(f"{what} / plain DDP, median steps: {statistics.median(med):.3f} ({min(med):.3f}-{max(med):.3f}), "
               f"extra {(statistics.median(med) - 1) * off * 1e3:.0f} us")
         print(f"{what} / plain DDP, mean steps:   {statistics.median(mean):.3f} ({min(mean):.3f}-{max(mean):.3f})")
@@ -99,6 +105,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128, help="width of the MLP's first layer (the demo model: 128)")
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--every", type=int, default=51, help="summarize every this many steps")
+    parser.add_argument("--capture", choices=("final", "hook"), default="final", help="how each process's gradient is read (see above)")
     parser.add_argument("--hook-only", action="store_true", help="the hook with nothing to measure (no tracker): the cost of a Python comm hook")
     args = parser.parse_args()
     with socket.socket() as s:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Union
+from typing import Any, Iterable, Union
 
 import torch
 from torch import Tensor, nn
@@ -174,7 +174,10 @@ class GradientMomentCollector:
                     f"mode='final' reads .grad at the end of backward and needs the group's loss: "
                     f"begin_group(..., loss=loss) with a loss that requires grad (got {type(loss).__name__})"
                 )
-            loss.register_hook(self._queue_read)
+            if loss.grad_fn is not None:  # the backward's first node: no Python tensor-hook machinery
+                loss.grad_fn.register_prehook(self._queue_read)
+            else:
+                loss.register_hook(self._queue_read)
         self._scale = float(scale)
         self._group_sizes.append(size)
         if self._stale:
@@ -260,7 +263,7 @@ class GradientMomentCollector:
         # moments (handed over by reference) after the step's statistics are done
         self._stale = True
 
-    def _queue_read(self, grad: Tensor) -> None:
+    def _queue_read(self, *grad: Any) -> None:
         # Runs as backward starts: the callback is queued before DDP's reducer queues its own
         # (when the last bucket is ready), and the engine runs callbacks in order.
         torch.autograd.Variable._execution_engine.queue_callback(self._read_grads)

@@ -280,10 +280,12 @@ class GradNoiseTracker:
         return self._summary(batch, layer_gsnr, per_layer)
 
     def _world_size(self, process_group: Any) -> int:
+        world = self._world
+        if world is not None and world[0] is process_group:  # a group's size is fixed
+            return world[1]
         if not (dist.is_available() and dist.is_initialized()):
             return 1
-        if self._world is None or self._world[0] is not process_group:  # the group's size is fixed
-            self._world = (process_group, dist.get_world_size(process_group))
+        self._world = (process_group, dist.get_world_size(process_group))
         return self._world[1]
 
     def _group_sums(self, pending: list[_Pending]) -> Tensor:
