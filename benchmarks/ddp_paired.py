@@ -30,6 +30,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+sys.path.insert(0, os.path.dirname(__file__))
+from _alternate import monitored as pick  # noqa: E402
 from digits_monitor import DigitsMLP, digits_loaders  # noqa: E402
 
 from lightning_gradnoise import GradNoiseTracker  # noqa: E402

@@ -126,8 +126,9 @@ class GradNoiseMonitor(CallbackBase):
                 comm.request_packing()  # elementwise moments on every step: in DDP's own all-reduce
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        # Under strategy="gnddp" the moments ride in DDP's own all-reduce; elsewhere the tracker
-        # makes one small all-reduce of its own per step (plain "ddp").
+        # Where gnddp registered its hook, the hook reads DDP's buckets and packs elementwise
+        # moments into DDP's own all-reduce; elsewhere the tracker sums what it needs in
+        # collectives of its own, once per fold (and once per GSNR step).
         comm = getattr(trainer.strategy, "gradnoise", None)
         self._comm = comm if comm is not None and comm.registered else None
         self.tracker = GradNoiseTracker(
