@@ -8,8 +8,8 @@ every ``--every`` steps, when the steps since the last summary are summed over p
 all-reduce). ``--capture final`` (default, gnddp's path without a consumer of elementwise
 moments on every step): no communication hook, each process's ``.grad`` read at the end of
 backward (mode "final"). ``--capture hook``: ``gradnoise_comm_hook`` registered, reading each
-process's norms from the bucket (mode "external"). Steps alternate between the two on the same batches,
-so both see the same drift of this shared machine. Per fit: the median step with the monitor
+process's norms from the bucket (mode "external"). Steps go to one or the other (a fixed pseudo-random half each) on
+one stream of batches, so both see the same drift of this shared machine. Per fit: the median step with the monitor
 over the median step without it (the typical step), and the same for means (which also counts
 the summarized steps). Printed: the median over fits, and the range. ``--hook-only`` registers the
 hook with nothing to measure: what a Python communication hook costs against DDP's built-in one.
@@ -54,10 +54,12 @@ def fit(rank: int, args: argparse.Namespace, seed: int) -> tuple[float, float]:
     loader, _ = digits_loaders(args.micro_batch, seed=seed)
     shard = [b for i, b in enumerate(loader) if i % 2 == rank]
     times: dict[str, list[float]] = {"on": [], "off": []}
-    summaries = 0
+    summaries = summaries_due = 0
     for step in range(2 * args.steps):
-        x, y = shard[(step // 2) % len(shard)]
-        monitored = step % 2 == 1
+        # which model steps: a fixed pseudo-random half (strict alternation meets DDP's
+        # period-two rhythm between the processes); both read the same stream of batches
+        x, y = shard[step % len(shard)]
+        monitored = pick(step)
         model = gn if monitored else plain
         start = time.perf_counter()
         opt = opts[id(model)]
@@ -70,8 +72,9 @@ def fit(rank: int, args: argparse.Namespace, seed: int) -> tuple[float, float]:
         loss.backward()
         if monitored and not args.hook_only:
             tracker.end_group()
-            out = tracker.finish_step(summarize=(step // 2) % args.every == args.every - 1, reduced=state.take() if hooked else None)
+            out = tracker.finish_step(summarize=summaries_due % args.every == args.every - 1, reduced=state.take() if hooked else None)
             summaries += out is not None
+            summaries_due += 1
         opt.step()
         if step >= 20:
             times["on" if monitored else "off"].append(time.perf_counter() - start)
