@@ -88,6 +88,14 @@ def test_final_mode_needs_the_loss() -> None:
     assert col.num_groups == 1 and float(col.group_sq_norms().sum()) == pytest.approx(
         sum(float(p.grad.square().sum()) for p in model.parameters()), rel=1e-6
     )
+    # a second backward through the same loss: the squares of the first read are already summed
+    col.reset()
+    col.set_elementwise(True)
+    loss = model(torch.ones(1, 2)).sum()
+    col.begin_group(loss=loss)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per group"):
+        loss.backward()
 
 
 def test_scale_undoes_loss_scaling_exactly_in_float64() -> None:

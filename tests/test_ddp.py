@@ -113,6 +113,23 @@ def test_without_accumulation_ddp_keeps_its_own_all_reduce_and_the_trajectory(tm
             assert row_final[key] == pytest.approx(row_packed[key], rel=1e-6), key
 
 
+@pytest.mark.parametrize(("flag", "mode"), [("gradient_as_bucket_view", "external"), ("static_graph", "final")])
+def test_bucket_views_and_static_graph_keep_the_trajectory_and_the_statistics(tmp_path, flag, mode) -> None:
+    # gradient_as_bucket_view: .grad is DDP's bucket, divided in place, so the hook reads each
+    # process's gradient from the bucket before the reduction; static_graph: DDP's first step
+    # reduces in a callback of its own, queued after the end-of-backward read
+    common = dict(steps=30, accumulate=1, lr=0.05, every=10)
+    plain = launch(tmp_path, "traj", strategy="ddp", monitor=0, **common, **{flag: 1})
+    gn = launch(tmp_path, "traj", strategy="gnddp", **common, **{flag: 1})
+    default = launch(tmp_path, "traj", strategy="gnddp", **common)
+    assert gn[0]["capture_mode"] == mode and gn[0]["hook_registered"] == (mode == "external")
+    assert gn[0]["weight"] == gn[1]["weight"] == plain[0]["weight"] == default[0]["weight"]
+    assert gn[0]["rows"] == gn[1]["rows"] and len(gn[0]["rows"]) == 3
+    for row, want in zip(gn[0]["rows"], default[0]["rows"], strict=True):
+        for key in ("b_simple", "gr_t", "gsnr", "grad_sq", "trace_cov"):
+            assert row[key] == pytest.approx(want[key], rel=1e-6), key
+
+
 def test_unused_parameters_and_composed_fp16_hooks(tmp_path) -> None:
     common = dict(steps=300, every=50)
     reference = launch(tmp_path, "unused", strategy="gnddp_find_unused_parameters_true", **common)

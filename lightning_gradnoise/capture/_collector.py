@@ -48,7 +48,8 @@ class GradientMomentCollector:
       ``gradient_as_bucket_view``) that is before the reducer writes the averaged gradient
       back: ``.grad`` is still this process's own, so DDP needs no communication hook and no
       per-tensor Python hook runs. Each group must start from zeroed gradients (one backward
-      per optimizer step, no accumulation).
+      per optimizer step, no accumulation); a second backward through the group's loss is
+      refused while elementwise moments are kept.
     - ``mode="external"``: nothing is hooked; whoever sees the group's gradient calls
       :meth:`record` (the DDP communication hook does, from each bucket, when each process's
       group is its whole local batch, i.e. without gradient accumulation).
@@ -98,6 +99,7 @@ class GradientMomentCollector:
         self._device = self.params[0].device
         self._zero = torch.zeros((), device=self._device)
         self._all = list(range(len(self.params)))
+        self._read_in_group = False
         self._attached = False
         self._stale = False
         self._saved: list[Tensor | None] | None = None
@@ -179,6 +181,7 @@ class GradientMomentCollector:
             else:
                 loss.register_hook(self._queue_read)
         self._scale = float(scale)
+        self._read_in_group = False
         self._group_sizes.append(size)
         if self._stale:
             self._stale = False
@@ -271,6 +274,14 @@ class GradientMomentCollector:
     def _read_grads(self) -> None:
         if self._scale is None:
             return
+        if self._read_in_group and self.elementwise:
+            # the norms of .grad would be right (it holds the sum) but the squares of the first
+            # read are already in the elementwise sum
+            raise RuntimeError(
+                "mode='final' reads .grad once per group, and this group ran a second backward through its loss; "
+                "use mode='hooks' for several backward passes per group"
+            )
+        self._read_in_group = True
         grads = [p.grad for p in self.params]
         if any(g is None for g in grads):  # unused in this backward: counted as zero
             idx = [i for i, g in enumerate(grads) if g is not None]

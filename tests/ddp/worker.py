@@ -82,6 +82,9 @@ def main() -> None:
     callbacks.append(Count())
     if "moments_hook" in opts:
         kw["moments_hook"] = opts["moments_hook"]
+    for flag in ("gradient_as_bucket_view", "static_graph"):  # DDP's own options, for either strategy
+        if opts.get(flag) == "1":
+            kw[flag] = True
     if kw:
         from lightning_gradnoise.strategies import strategy_class
 
