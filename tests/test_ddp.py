@@ -130,6 +130,20 @@ def test_bucket_views_and_static_graph_keep_the_trajectory_and_the_statistics(tm
             assert row[key] == pytest.approx(want[key], rel=1e-6), key
 
 
+def test_a_monitor_beside_vr_moments_measures_what_it_measures_alone(tmp_path) -> None:
+    # the hook feeds one collector: VRMoments' (elementwise moments on every step, packed); the
+    # monitor reads .grad itself. Frozen model (lr 0): the same statistics with or without VRMoments.
+    common = dict(steps=60, every=20, lr=0.0)
+    alone = launch(tmp_path, "truth", optimizer="sgd", **common)
+    beside = launch(tmp_path, "truth", optimizer="vr_sgd", **common)
+    assert beside[0]["hook_registered"] and beside[0]["capture_mode"] == "final"
+    assert alone[0]["capture_mode"] == "final" and not alone[0]["hook_registered"]
+    assert beside[0]["rows"] == beside[1]["rows"] and len(beside[0]["rows"]) == 3
+    for row, want in zip(beside[0]["rows"], alone[0]["rows"], strict=True):
+        for key in ("b_simple", "grad_sq", "trace_cov", "gr_t", "gsnr"):
+            assert row[key] == pytest.approx(want[key], rel=1e-6), key
+
+
 def test_unused_parameters_and_composed_fp16_hooks(tmp_path) -> None:
     common = dict(steps=300, every=50)
     reference = launch(tmp_path, "unused", strategy="gnddp_find_unused_parameters_true", **common)

@@ -122,15 +122,22 @@ class GradNoiseMonitor(CallbackBase):
         if stage == "fit":
             self.check_trainer(trainer, pl_module)
             comm = getattr(trainer.strategy, "gradnoise", None)
-            if comm is not None and "gsnr" in self.statistics and self._every(trainer) == 1:
+            if comm is not None and self._wants_packing(trainer):
                 comm.request_packing()  # elementwise moments on every step: in DDP's own all-reduce
+
+    def _wants_packing(self, trainer: Any) -> bool:
+        return "gsnr" in self.statistics and self._every(trainer) == 1
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Where gnddp registered its hook, the hook reads DDP's buckets and packs elementwise
         # moments into DDP's own all-reduce; elsewhere the tracker sums what it needs in
         # collectives of its own, once per fold (and once per GSNR step).
         comm = getattr(trainer.strategy, "gradnoise", None)
-        self._comm = comm if comm is not None and comm.registered else None
+        # The hook feeds one collector. It goes to a consumer of elementwise moments on every
+        # step if there is one; any other consumer (a second monitor, a monitor beside VRMoments)
+        # reads .grad itself and sums its own moments.
+        usable = comm is not None and comm.registered and comm.collector is None
+        self._comm = comm if usable and (self._wants_packing(trainer) or not comm.pack_requested) else None
         self.tracker = GradNoiseTracker(
             pl_module.named_parameters(),
             self.statistics,
