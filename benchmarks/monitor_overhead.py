@@ -3,7 +3,7 @@
     python benchmarks/monitor_overhead.py [--steps 200] [--repeats 5] [--accumulate 4] [--hidden 128]
 
 The digits MLP of examples/digits_monitor.py, one CPU device, accumulate_grad_batches=4. In each
-fit the monitor is active on every other optimizer step (see ``_alternate.py``), so steps with and
+fit the monitor is active on a fixed pseudo-random half of the optimizer steps (see ``_alternate.py``), so steps with and
 without it are interleaved in the same process; a fit's ratio is the median step with the monitor
 over the median step without it, and the table gives the median ratio over ``repeats`` fits.
 """
