@@ -131,11 +131,10 @@ class GradNoiseMonitor(CallbackBase):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Where gnddp registered its hook, the hook reads DDP's buckets and packs elementwise
         # moments into DDP's own all-reduce; elsewhere the tracker sums what it needs in
-        # collectives of its own, once per fold (and once per GSNR step).
+        # collectives of its own, once per fold (and once per GSNR step). The hook feeds one
+        # collector: a consumer of elementwise moments on every step if there is one; any other
+        # (a second monitor, a monitor beside VRMoments) reads .grad itself.
         comm = getattr(trainer.strategy, "gradnoise", None)
-        # The hook feeds one collector. It goes to a consumer of elementwise moments on every
-        # step if there is one; any other consumer (a second monitor, a monitor beside VRMoments)
-        # reads .grad itself and sums its own moments.
         usable = comm is not None and comm.registered and comm.collector is None
         self._comm = comm if usable and (self._wants_packing(trainer) or not comm.pack_requested) else None
         self.tracker = GradNoiseTracker(
