@@ -48,6 +48,11 @@ def namespace_of(trainer: Any) -> ModuleType:
     raise TypeError(f"{type(trainer).__module__}.{type(trainer).__qualname__} is not a Lightning Trainer")
 
 
+def gradient_as_bucket_view(strategy: Any) -> bool:
+    """Whether a DDP strategy makes ``.grad`` a view of DDP's buckets (divided in place there)."""
+    return bool(getattr(strategy, "_ddp_kwargs", {}).get("gradient_as_bucket_view", False))
+
+
 def extract_batch_size(batch: Any) -> int:
     """Samples in a batch, found as Lightning finds them (first dimension of the first tensor)."""
     if isinstance(batch, Tensor):

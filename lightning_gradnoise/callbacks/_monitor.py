@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from lightning_gradnoise.capture import GradNoiseTracker, needs_groups, parse_statistics
-from lightning_gradnoise.callbacks._compat import CallbackBase, extract_batch_size, namespace_of
+from lightning_gradnoise.callbacks._compat import CallbackBase, extract_batch_size, gradient_as_bucket_view, namespace_of
 from lightning_gradnoise.callbacks._logging import log_histograms, log_scalars
 
 __all__ = ["GradNoiseMonitor", "MisconfigurationError"]
@@ -165,8 +165,7 @@ class GradNoiseMonitor(CallbackBase):
         ddp = namespace_of(trainer).strategies.DDPStrategy
         if trainer.world_size == 1 and not isinstance(strategy, ddp):
             return "swap"
-        bucket_view = bool(getattr(strategy, "_ddp_kwargs", {}).get("gradient_as_bucket_view", False))
-        return "final" if trainer.accumulate_grad_batches == 1 and not bucket_view else "hooks"
+        return "final" if trainer.accumulate_grad_batches == 1 and not gradient_as_bucket_view(strategy) else "hooks"
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._release()

@@ -152,6 +152,12 @@ class GradientMomentCollector:
         if self.elementwise:
             self._square_into(indices, grads)
 
+    def _take_present(self, grads: list[Tensor | None]) -> None:
+        """:meth:`_take` of the tensors that got a gradient (the others count as zero)."""
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        if idx:
+            self._take(idx, [grads[i] for i in idx])  # type: ignore[misc]
+
     def _square_into(self, indices: Iterable[int], grads: list[Tensor]) -> None:
         bufs = [self._sq_buffer(i, g) for i, g in zip(indices, grads)]
         torch._foreach_addcmul_(bufs, grads, grads, value=self._scale * self._scale)
@@ -231,9 +237,7 @@ class GradientMomentCollector:
                 self._add_back(saved, fresh)
             self._norms.extend(norms)
             return True
-        idx = [i for i, g in enumerate(fresh) if g is not None]
-        if idx:
-            self._take(idx, [fresh[i] for i in idx])
+        self._take_present(fresh)
         self._add_back(saved, fresh)
         return False
 
@@ -283,9 +287,8 @@ class GradientMomentCollector:
             )
         self._read_in_group = True
         grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):  # unused in this backward: counted as zero
-            idx = [i for i, g in enumerate(grads) if g is not None]
-            self._take(idx, [grads[i] for i in idx])
+        if any(g is None for g in grads):
+            self._take_present(grads)
         else:
             self._take(self._all, grads)  # type: ignore[arg-type]
 

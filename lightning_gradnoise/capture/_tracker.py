@@ -288,10 +288,10 @@ class GradNoiseTracker:
         self._world = (process_group, dist.get_world_size(process_group))
         return self._world[1]
 
-    def _group_sums(self, pending: list[_Pending]) -> Tensor:
-        r""":math:`\sum_j |g_j|^2` per tensor of each step, ``[steps, tensors]`` in float64."""
-        device = self.collector.params[0].device
-        sums = torch.empty(len(pending), len(self.names), dtype=torch.float64, device=device)
+    def _group_sums(self, pending: list[_Pending], sums: Tensor) -> None:
+        r"""Write :math:`\sum_j |g_j|^2` per tensor of each step into ``sums`` (``[steps, tensors]``,
+        float64)."""
+        device = sums.device
         given = [i for i, e in enumerate(pending) if e.norms is None]
         if given:
             sums[torch.tensor(given, device=device)] = torch.stack([pending[i].sq.to(device) for i in given]).to(torch.float64)  # type: ignore[union-attr]
@@ -304,14 +304,13 @@ class GradNoiseTracker:
             rows = _stack([pending[i].norms for i in idx]).to(device=device, dtype=torch.float64).view(len(idx), groups, -1).square_()  # type: ignore[misc]
             scales = torch.tensor([pending[i].scales for i in idx], dtype=torch.float64, device=device).square_()
             sums[torch.tensor(idx, device=device)] = (rows * scales[:, :, None]).sum(1)
-        return sums
 
     def _rows(self, pending: list[_Pending]) -> Tensor:
         r"""Each step's :math:`\sum_j |g_j|^2` per tensor and its counts, ``[steps, P + 3]`` in
         float64, summed over processes where they are still local (in one all-reduce)."""
         device = self.collector.params[0].device
         rows = torch.empty(len(pending), len(self.names) + 3, dtype=torch.float64, device=device)
-        rows[:, :-3] = self._group_sums(pending)
+        self._group_sums(pending, rows[:, :-3])
         stacked = [i for i, e in enumerate(pending) if isinstance(e.counts, Tensor)]
         if stacked:
             rows[torch.tensor(stacked, device=device), -3:] = torch.stack([pending[i].counts.to(device) for i in stacked]).to(torch.float64)  # type: ignore[union-attr]

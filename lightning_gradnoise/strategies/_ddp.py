@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from lightning_gradnoise.callbacks._compat import NAMESPACES
+from lightning_gradnoise.callbacks._compat import NAMESPACES, gradient_as_bucket_view
 from lightning_gradnoise.callbacks._monitor import MisconfigurationError
 from lightning_gradnoise.capture import GradNoiseCommState, gradnoise_comm_hook
 
@@ -94,8 +94,7 @@ def _make(ns: ModuleType) -> type:
             # Lightning registers communication hooks on CUDA only; these run on every device.
             state = self.gradnoise
             state.process_group = self._ddp_kwargs.get("process_group")
-            bucket_view = bool(self._ddp_kwargs.get("gradient_as_bucket_view", False))
-            state.registered = self.moments_hook == "always" or state.pack_requested or bucket_view
+            state.registered = self.moments_hook == "always" or state.pack_requested or gradient_as_bucket_view(self)
             if state.registered:
                 state.inner_hook, state.inner_state = self._ddp_comm_hook, self._ddp_comm_state
                 hook, hook_state = gradnoise_comm_hook, state
