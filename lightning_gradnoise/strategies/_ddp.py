@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 from types import ModuleType
 from typing import Any
 
+import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from lightning_gradnoise.callbacks._compat import NAMESPACES, gradient_as_bucket_view
@@ -62,6 +64,25 @@ _DOC = r"""Lightning's ``DDPStrategy`` that measures every device's gradient mom
     """
 
 
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_AT_EXIT: list[bool] = []
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, once per process.
+
+    Lightning does so for NCCL only; a gloo group left to interpreter shutdown sometimes aborts
+    the process after a successful fit ("terminate called without an active exception": 1 in 12
+    to 16 two-process CPU fits here, plain ``ddp`` alike; none in 24 with this)."""
+    if not _AT_EXIT:
+        atexit.register(_destroy_process_group)
+        _AT_EXIT.append(True)
+
+
 def _make(ns: ModuleType) -> type:
     base = ns.strategies.DDPStrategy
 
@@ -85,6 +106,10 @@ def _make(ns: ModuleType) -> type:
                     "and no step has one global gradient to measure. Use strategy='ddp' without the monitor, or drop "
                     "model_averaging_period / PostLocalSGDState."
                 )
+
+        def setup_distributed(self) -> None:
+            super().setup_distributed()
+            _destroy_at_exit()
 
         def setup(self, trainer: Any) -> None:
             self.check_supported()
