@@ -111,6 +111,14 @@ def main() -> None:
         comm._FUSE_FROM = int(opts["fuse_from"])
     if "pack_limit" in opts:  # 0: every bucket reduced in place, the moments beside it
         trainer.strategy.gradnoise.pack_limit = int(opts["pack_limit"])
+    if not str(strategy).startswith("gnddp"):
+        # plain ddp leaves a gloo group to interpreter shutdown, which now and then aborts the
+        # process after a successful fit; gnddp destroys it at exit itself
+        import atexit
+
+        import torch.distributed as dist
+
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     trainer.fit(model, ckpt_path=opts.get("resume"))
     out = {
         "rank": trainer.global_rank,
