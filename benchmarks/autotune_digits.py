@@ -3,19 +3,22 @@
     python benchmarks/autotune_digits.py [--target 0.15] [--seeds 3] [--max-steps 1000] [--momentum 0.9] [--plot autotune.png]
 
 The digits MLP of examples/digits_monitor.py (SGD, momentum 0.9 or ``--momentum``) on
-scikit-learn's digits. The grid: 4 global batch sizes x 4 learning rates, fixed. The controller
+scikit-learn's digits. The grid: 4 global batch sizes x 4 learning rates, fixed (in micro-batches of half the batch, at most 64). The controller
 (GradNoiseMonitor + BatchSizeAdapter + LRAdapter) starts from three poor settings: batch 8x too
 small, batch 8x too large, learning rate 10x too small (against batch 64 and the grid's third
 learning rate). Under momentum m the learning rates are those of momentum 0.9 times
 (1 - m) / 0.1, the same effective step lr / (1 - m). Each run stops when the loss on
 the whole training set reaches the target; it counts optimizer steps and examples. Every run is
 repeated with ``--seeds`` seeds (initialization and data order) and reported as the median, since
-one seed of a run this short moves by tens of percent.
+one seed of a run this short moves by tens of percent. Every run carries a GradNoiseMonitor; the
+table gives the medians of GR_T and B_simple over each run, so that the GR_T at the fastest fixed
+settings can be compared with the learning-rate adapter's target.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -28,6 +31,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from digits_monitor import DigitsMLP, L, digits_loaders  # noqa: E402
 
 from lightning_gradnoise import BatchSizeAdapter, GradNoiseMonitor, LRAdapter  # noqa: E402
+
+
+class Readings(L.Callback):
+    """Each new value of the monitor's GR_T and B_simple, and the learning rate actually used."""
+
+    def __init__(self, monitor: GradNoiseMonitor) -> None:
+        self.monitor, self.values, self.lrs = monitor, [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        latest = self.monitor.latest
+        if latest and (not self.values or self.values[-1][0] != trainer.global_step):
+            self.values.append((trainer.global_step, latest.get("gr_t", float("nan")), latest.get("b_simple", float("nan"))))
+
+    def medians(self) -> tuple[float, float]:
+        """Medians over the run of GR_T and B_simple (``nan`` without a reading)."""
+        out = []
+        for i in (1, 2):
+            vals = [v[i] for v in self.values if math.isfinite(v[i])]
+            out.append(statistics.median(vals) if vals else float("nan"))
+        return out[0], out[1]
 
 
 class StopAtTarget(L.Callback):
@@ -56,10 +80,13 @@ def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt:
     L.seed_everything(seed, verbose=False)
     x, y, train = data(micro, seed)
     stop = StopAtTarget(x, y, target)
-    callbacks = [stop]
+    monitor = GradNoiseMonitor(statistics=("b_simple", "gr_s", "gr_t"), log_every_n_steps=5)
+    readings = Readings(monitor)
+    # the fixed runs carry the monitor too (it does not change the update), to show where GR_T and
+    # B_simple sit at the settings that reach the target fastest
+    callbacks = [stop, monitor, readings]
     if adapt is not None:
-        callbacks += [GradNoiseMonitor(statistics="all", log_every_n_steps=5),
-                      BatchSizeAdapter(cooldown=adapt["batch_cooldown"], max_batch=1024, max_factor=adapt["max_factor"]),
+        callbacks += [BatchSizeAdapter(cooldown=adapt["batch_cooldown"], max_batch=1024, max_factor=adapt["max_factor"]),
                       LRAdapter(cooldown=adapt["lr_cooldown"], step_factor=adapt["step_factor"], gain=adapt["gain"], target=adapt["target"])]
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=10_000, accumulate_grad_batches=batch // micro,
@@ -68,15 +95,17 @@ def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt:
     )
     trainer.fit(DigitsMLP(lr, momentum=momentum), train)
     final_batch = micro * trainer.accumulate_grad_batches
+    gr_t, b_simple = readings.medians()
     return {"batch": batch, "lr": lr, "steps": stop.steps if stop.reached else float("inf"),
-            "examples": stop.examples if stop.reached else float("inf"), "final_batch": final_batch}
+            "examples": stop.examples if stop.reached else float("inf"), "final_batch": final_batch,
+            "final_lr": readings.lrs[-1] if readings.lrs else lr, "gr_t": gr_t, "b_simple": b_simple}
 
 
 def median_run(seeds: int, *args, momentum: float = 0.9) -> dict:
     """The run repeated over seeds: median steps, examples and final batch."""
     runs = [run(*args, seed, momentum) for seed in range(seeds)]
     out = dict(runs[0])
-    for key in ("steps", "examples", "final_batch"):
+    for key in ("steps", "examples", "final_batch", "final_lr", "gr_t", "b_simple"):
         out[key] = statistics.median(r[key] for r in runs)
     out["per_seed"] = [(r["steps"], r["examples"]) for r in runs]
     return out
@@ -109,7 +138,7 @@ def main() -> None:
              "batch_cooldown": args.batch_cooldown}
     s = (1.0 - args.momentum) / 0.1  # the same effective step, lr / (1 - momentum), as momentum 0.9
     lrs = [round(lr * s, 6) for lr in (0.01, 0.03, 0.1, 0.3)]
-    grid = [median_run(args.seeds, b, lr, min(b, 64), args.target, args.max_steps, None, data, momentum=args.momentum)
+    grid = [median_run(args.seeds, b, lr, min(b // 2, 64), args.target, args.max_steps, None, data, momentum=args.momentum)
             for b in (16, 64, 256, 1024) for lr in lrs]
     # micro-batches of 4 or 16: the batch can shrink to two micro-batches (the monitor's floor)
     starts = {f"batch 8x too small (8, lr {lrs[2]:g})": (8, lrs[2], 4), f"batch 8x too large (512, lr {lrs[2]:g})": (512, lrs[2], 16),
@@ -118,11 +147,12 @@ def main() -> None:
                 for name, (b, lr, micro) in starts.items()}
     print(f"\ndigits MLP, SGD momentum {args.momentum:g}, steps and examples to training loss {args.target} (inf: not within {args.max_steps} steps), "
           f"median of {args.seeds} seeds; adapters: {adapt}")
-    print(f"{'run':<36} {'steps':>7} {'examples':>9}")
+    print(f"{'run':<36} {'steps':>7} {'examples':>9} {'GR_T':>6} {'B_simple':>8}   (GR_T, B_simple: medians over the run)")
     for r in grid:
-        print(f"{'fixed batch %d, lr %g' % (r['batch'], r['lr']):<36} {r['steps']:>7g} {r['examples']:>9g}")
+        print(f"{'fixed batch %d, lr %g' % (r['batch'], r['lr']):<36} {r['steps']:>7g} {r['examples']:>9g} {r['gr_t']:>6.1f} {r['b_simple']:>8.0f}")
     for name, r in adaptive.items():
-        print(f"{'controller from ' + name:<36} {r['steps']:>7g} {r['examples']:>9g}  (ends at batch {r['final_batch']:g}; "
+        print(f"{'controller from ' + name:<36} {r['steps']:>7g} {r['examples']:>9g} {r['gr_t']:>6.1f} {r['b_simple']:>8.0f}  "
+              f"(ends at batch {r['final_batch']:g}, lr {r['final_lr']:.3g}; "
               f"per seed: {', '.join(f'{s:g}/{e:g}' for s, e in r['per_seed'])})")
     for name, r in adaptive.items():
         better = [g for g in grid if g["steps"] < r["steps"] and g["examples"] < r["examples"]]
