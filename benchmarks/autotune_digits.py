@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from digits_monitor import DigitsMLP, L, digits_loaders  # noqa: E402
 
 from lightning_gradnoise import BatchSizeAdapter, GradNoiseMonitor, LRAdapter  # noqa: E402
+from lightning_gradnoise.scaling import fit_b_noise  # noqa: E402
 
 
 class Readings(L.Callback):
@@ -158,6 +159,17 @@ def main() -> None:
         better = [g for g in grid if g["steps"] < r["steps"] and g["examples"] < r["examples"]]
         print(f"grid points with both fewer steps and fewer examples than the controller from {name}: {len(better)}"
               + (" (" + ", ".join(f"B={g['batch']} lr={g['lr']}" for g in better) + ")" if better else ""))
+    # the fastest fixed run of each batch size traces the steps/examples frontier; McCandlish Eq. 2.11
+    # fitted to it says how many steps even a perfect learning rate needs at the batch the controller keeps
+    best = [min((g for g in grid if g["batch"] == b), key=lambda g: g["steps"]) for b in sorted({g["batch"] for g in grid})]
+    best = [g for g in best if math.isfinite(g["steps"])]
+    if len(best) >= 2:
+        fit = fit_b_noise([g["steps"] for g in best], [g["examples"] for g in best])
+        print(f"frontier fit (1/S = 1/S_min - B_noise/E, McCandlish Eq. 2.11, the fastest fixed run per batch): B_noise {fit.b_noise:.0f}, "
+              f"S_min {fit.s_min:.1f}, E_min {fit.e_min:.0f}, R^2 {fit.r2:.3f}")
+        for name, r in adaptive.items():
+            print(f"  at the final batch of the controller from {name} ({r['final_batch']:g}) the fit's fewest steps are "
+                  f"{fit.s_min * (1 + fit.b_noise / r['final_batch']):.0f}")
     if args.plot:
         import matplotlib
 
