@@ -39,20 +39,22 @@ class Readings(L.Callback):
 
     def __init__(self, monitor: GradNoiseMonitor) -> None:
         self.monitor, self.values, self.lrs = monitor, [], []
+        self._seen = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.lrs.append(optimizer.param_groups[0]["lr"])
         latest = self.monitor.latest
-        if latest and (not self.values or self.values[-1][0] != trainer.global_step):
-            self.values.append((trainer.global_step, latest.get("gr_t", float("nan")), latest.get("b_simple", float("nan"))))
+        if latest and latest is not self._seen:  # the monitor makes a new dict per summary
+            self._seen = latest
+            self.values.append((latest.get("gr_t", float("nan")), latest.get("b_simple", float("nan"))))
 
     def medians(self) -> tuple[float, float]:
         """Medians over the run of GR_T and B_simple (``nan`` without a reading)."""
-        out = []
-        for i in (1, 2):
+        def median(i: int) -> float:
             vals = [v[i] for v in self.values if math.isfinite(v[i])]
-            out.append(statistics.median(vals) if vals else float("nan"))
-        return out[0], out[1]
+            return statistics.median(vals) if vals else float("nan")
+
+        return median(0), median(1)
 
 
 class StopAtTarget(L.Callback):
@@ -103,7 +105,7 @@ def run(batch: int, lr: float, micro: int, target: float, max_steps: int, adapt:
 
 
 def median_run(seeds: int, *args, momentum: float = 0.9) -> dict:
-    """The run repeated over seeds: median steps, examples and final batch."""
+    """The run repeated over seeds: medians of every figure a run reports."""
     runs = [run(*args, seed, momentum) for seed in range(seeds)]
     out = dict(runs[0])
     for key in ("steps", "examples", "final_batch", "final_lr", "gr_t", "b_simple"):
