@@ -23,7 +23,7 @@ def launch(tmp_path: Path, scenario: str, **opts) -> list[dict]:
     out.mkdir()
     args = [sys.executable, str(WORKER), scenario, str(out)] + [f"{k}={v}" for k, v in opts.items()]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

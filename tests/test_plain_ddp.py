@@ -18,7 +18,7 @@ def launch(tmp_path: Path, scenario: str, **opts) -> list[dict]:
     out = tmp_path / f"{scenario}_{'_'.join(f'{k}{v}' for k, v in opts.items())}"
     out.mkdir()
     args = [sys.executable, str(WORKER), scenario, str(out)] + [f"{k}={v}" for k, v in opts.items()]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 from types import ModuleType
 from typing import Any
 
@@ -66,6 +67,11 @@ _DOC = r"""Lightning's ``DDPStrategy`` that measures every device's gradient mom
 
 def _destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Free unreachable DDP wrappers first: a Reducer that holds the last reference to a gloo
+        # group destroys it with the GIL held and joins its threads, which may be waiting for the
+        # GIL to free a finished collective's tensors (a hang). Destroyed through the group's
+        # Python handle, the GIL is released first.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ Scenarios: ``match`` (results per summarized step, DDP and one-process reference
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -99,6 +100,12 @@ def run(rank: int, port: int, scenario: str, outdir: str, opts: dict) -> None:
         error = str(exc)
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump({"rows": rows, "error": error}, f)
+    # DDP's Reducer must not hold the last reference to the gloo group: its destructor joins the
+    # group's threads with the GIL held, while a thread may need the GIL to free a finished
+    # collective's tensors (a hang at exit, about 1 run in 3 here). The group's own Python handle
+    # releases the GIL first.
+    del ddp
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -6,6 +6,7 @@ Lightning's own launcher starts the other ranks (gloo on CPU). Each rank writes
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -114,11 +115,9 @@ def main() -> None:
     if not str(strategy).startswith("gnddp"):
         # plain ddp leaves a gloo group to interpreter shutdown, which now and then aborts the
         # process after a successful fit; gnddp destroys it at exit itself
-        import atexit
+        from lightning_gradnoise.strategies._ddp import _destroy_process_group
 
-        import torch.distributed as dist
-
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        atexit.register(_destroy_process_group)
     trainer.fit(model, ckpt_path=opts.get("resume"))
     out = {
         "rank": trainer.global_rank,
