@@ -18,6 +18,7 @@ hook with nothing to measure: what a Python communication hook costs against DDP
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import statistics
@@ -100,6 +101,7 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
         print(f"{what} / plain DDP, median steps: {statistics.median(med):.3f} ({min(med):.3f}-{max(med):.3f}), "
               f"extra {(statistics.median(med) - 1) * off * 1e3:.0f} us")
         print(f"{what} / plain DDP, mean steps:   {statistics.median(mean):.3f} ({min(mean):.3f}-{max(mean):.3f})")
+    gc.collect()  # no DDP reducer may hold the gloo group's last reference (a hang at exit)
     dist.destroy_process_group()
 
 
