@@ -18,7 +18,6 @@ hook with nothing to measure: what a Python communication hook costs against DDP
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import socket
 import statistics
@@ -36,7 +35,7 @@ from _alternate import monitored as pick  # noqa: E402
 from digits_monitor import DigitsMLP, digits_loaders  # noqa: E402
 
 from lightning_gradnoise import GradNoiseTracker  # noqa: E402
-from lightning_gradnoise.capture import GradNoiseCommState, gradnoise_comm_hook  # noqa: E402
+from lightning_gradnoise.capture import GradNoiseCommState, destroy_process_group, gradnoise_comm_hook  # noqa: E402
 
 
 def fit(rank: int, args: argparse.Namespace, seed: int) -> tuple[float, float]:
@@ -101,8 +100,7 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
         print(f"{what} / plain DDP, median steps: {statistics.median(med):.3f} ({min(med):.3f}-{max(med):.3f}), "
               f"extra {(statistics.median(med) - 1) * off * 1e3:.0f} us")
         print(f"{what} / plain DDP, mean steps:   {statistics.median(mean):.3f} ({min(mean):.3f}-{max(mean):.3f})")
-    gc.collect()  # no DDP reducer may hold the gloo group's last reference (a hang at exit)
-    dist.destroy_process_group()
+    destroy_process_group()  # the fits' DDP wrappers are gone: no reducer holds the group
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gradnoise.capture._collector import GradientMomentCollector
+from lightning_gradnoise.capture._dist import WorldSize
 
 __all__ = ["PACK_LIMIT", "ReducedMoments", "GradNoiseCommState", "gradnoise_comm_hook"]
 
@@ -71,7 +72,7 @@ class GradNoiseCommState:
         # rather than in the futures' callbacks (which hold the GIL on the communication thread):
         # (collector indices, buffer or future, offset of the moments, bytes added)
         self._raw: list[tuple[list[int], Tensor | torch.futures.Future, int, int]] = []
-        self._world: tuple[Any, int] | None = None
+        self._world_size = WorldSize()
         self.last_packed_bytes = 0
         """Bytes this process added to the collectives of the last step taken."""
         self.pack_requested = False
@@ -139,9 +140,7 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
         ...  # backward, then: tracker.finish_step(reduced=state.take())
     """
     group = state.process_group if state.process_group is not None else dist.group.WORLD
-    if state._world is None or state._world[0] is not group:
-        state._world = (group, dist.get_world_size(group))
-    world = state._world[1]
+    world = state._world_size(group)
     buffer = bucket.buffer()
     col = state.collector
     elem = known = None

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_gradnoise.capture._collector import GradientMomentCollector, NamedParams, size_sums
 from lightning_gradnoise.capture._comm import ReducedMoments
+from lightning_gradnoise.capture._dist import WorldSize
 from lightning_gradnoise.stats import (
     GradientNoiseScale,
     TemporalRedundancy,
@@ -153,7 +154,7 @@ class GradNoiseTracker:
         self._pending: list[_Pending] = []
         self.last_elementwise: tuple[list[Tensor], int] | None = None
         """The last summarized step's global elementwise moments and group count (GSNR)."""
-        self._world: tuple[Any, int] | None = None
+        self._world_size = WorldSize()
         self._group: Any = None
         self._batch = float("nan")  # the last folded step's global batch
         self.last_collective_bytes = 0
@@ -278,15 +279,6 @@ class GradNoiseTracker:
         if entry.local:  # the global batch, summed over processes by the fold
             batch = self._batch
         return self._summary(batch, layer_gsnr, per_layer)
-
-    def _world_size(self, process_group: Any) -> int:
-        world = self._world
-        if world is not None and world[0] is process_group:  # a group's size is fixed
-            return world[1]
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        self._world = (process_group, dist.get_world_size(process_group))
-        return self._world[1]
 
     def _group_sums(self, pending: list[_Pending], sums: Tensor) -> None:
         r"""Write :math:`\sum_j |g_j|^2` per tensor of each step into ``sums`` (``[steps, tensors]``,

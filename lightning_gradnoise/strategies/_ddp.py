@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import atexit
-import gc
 from types import ModuleType
 from typing import Any
 
-import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from lightning_gradnoise.callbacks._compat import NAMESPACES, gradient_as_bucket_view
 from lightning_gradnoise.callbacks._monitor import MisconfigurationError
-from lightning_gradnoise.capture import GradNoiseCommState, gradnoise_comm_hook
+from lightning_gradnoise.capture import GradNoiseCommState, destroy_process_group, gradnoise_comm_hook
 
 __all__ = ["GradNoiseDDPStrategy", "STRATEGY_NAMES", "strategy_class", "register_strategies"]
 
@@ -65,28 +63,14 @@ _DOC = r"""Lightning's ``DDPStrategy`` that measures every device's gradient mom
     """
 
 
-def _destroy_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
-        # Free unreachable DDP wrappers first: a Reducer that holds the last reference to a gloo
-        # group destroys it with the GIL held and joins its threads, which may be waiting for the
-        # GIL to free a finished collective's tensors (a hang). Destroyed through the group's
-        # Python handle, the GIL is released first.
-        gc.collect()
-        dist.destroy_process_group()
-
-
-_AT_EXIT: list[bool] = []
-
-
 def _destroy_at_exit() -> None:
     """Destroy the default process group when the interpreter exits, once per process.
 
     Lightning does so for NCCL only; a gloo group left to interpreter shutdown sometimes aborts
     the process after a successful fit ("terminate called without an active exception": 1 in 12
     to 16 two-process CPU fits here, plain ``ddp`` alike; none in 24 with this)."""
-    if not _AT_EXIT:
-        atexit.register(_destroy_process_group)
-        _AT_EXIT.append(True)
+    atexit.unregister(destroy_process_group)  # registered once however many fits set up
+    atexit.register(destroy_process_group)
 
 
 def _make(ns: ModuleType) -> type:

@@ -11,7 +11,6 @@ Scenarios: ``match`` (results per summarized step, DDP and one-process reference
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import socket
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from helpers import LinRegTruth  # noqa: E402
 
 from lightning_gradnoise import GradNoiseTracker  # noqa: E402
-from lightning_gradnoise.capture import GradNoiseCommState, gradnoise_comm_hook  # noqa: E402
+from lightning_gradnoise.capture import GradNoiseCommState, destroy_process_group, gradnoise_comm_hook  # noqa: E402
 
 STATS = ("b_simple", "gr_s", "gsnr")
 
@@ -100,13 +99,10 @@ def run(rank: int, port: int, scenario: str, outdir: str, opts: dict) -> None:
         error = str(exc)
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump({"rows": rows, "error": error}, f)
-    # DDP's Reducer must not hold the last reference to the gloo group: its destructor joins the
-    # group's threads with the GIL held, while a thread may need the GIL to free a finished
-    # collective's tensors (a hang at exit, about 1 run in 3 here). The group's own Python handle
-    # releases the GIL first.
+    # DDP's Reducer must not hold the last reference to the gloo group (a hang at exit, about 1
+    # run in 3 here without this): see destroy_process_group
     del ddp
-    gc.collect()
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def main() -> None:

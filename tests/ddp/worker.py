@@ -115,9 +115,9 @@ def main() -> None:
     if not str(strategy).startswith("gnddp"):
         # plain ddp leaves a gloo group to interpreter shutdown, which now and then aborts the
         # process after a successful fit; gnddp destroys it at exit itself
-        from lightning_gradnoise.strategies._ddp import _destroy_process_group
+        from lightning_gradnoise.capture import destroy_process_group
 
-        atexit.register(_destroy_process_group)
+        atexit.register(destroy_process_group)
     trainer.fit(model, ckpt_path=opts.get("resume"))
     out = {
         "rank": trainer.global_rank,
