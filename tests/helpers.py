@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -148,3 +152,20 @@ def recording_logger(namespace: str):
             return [(s, m[key]) for s, m in self.rows if key in m]
 
     return Recorder()
+
+
+# A normal two-process launch takes 8-15 s on 2 quiet cores; a loaded machine was seen to need
+# more than 120 s. 300 s passes a busy machine and still ends a real hang within the CI budget.
+LAUNCH_TIMEOUT_S = float(os.environ.get("GRADNOISE_TEST_LAUNCH_TIMEOUT", 300))
+
+
+def launch_two_processes(worker, out, scenario: str, cwd=None, **opts) -> list[dict]:
+    """Run ``worker SCENARIO OUT key=value ...`` (it starts two ranks) and read each rank's JSON.
+
+    One thread per process: two processes of two threads each on two cores spend their time
+    waiting for each other at every collective."""
+    args = [sys.executable, str(worker), scenario, str(out)] + [f"{k}={v}" for k, v in opts.items()]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import NAMESPACES, LinRegTruth, ns, rel_err
+from helpers import NAMESPACES, LinRegTruth, launch_two_processes, ns, rel_err
 from lightning_gradnoise import GradNoiseDDPStrategy, MisconfigurationError
 from lightning_gradnoise.strategies import STRATEGY_NAMES, strategy_class
 
@@ -21,11 +17,7 @@ WORKER = Path(__file__).parent / "ddp" / "worker.py"
 def launch(tmp_path: Path, scenario: str, **opts) -> list[dict]:
     out = tmp_path / f"run{sum(1 for _ in tmp_path.glob('run*'))}_{scenario}"
     out.mkdir()
-    args = [sys.executable, str(WORKER), scenario, str(out)] + [f"{k}={v}" for k, v in opts.items()]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return launch_two_processes(WORKER, out, scenario, cwd=tmp_path, **opts)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -3,13 +3,11 @@ two real processes on CPU (gloo), as the README's "Without Lightning" loop uses 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import launch_two_processes
 
 WORKER = Path(__file__).parent / "ddp" / "plain_worker.py"
 
@@ -17,10 +15,7 @@ WORKER = Path(__file__).parent / "ddp" / "plain_worker.py"
 def launch(tmp_path: Path, scenario: str, **opts) -> list[dict]:
     out = tmp_path / f"{scenario}_{'_'.join(f'{k}{v}' for k, v in opts.items())}"
     out.mkdir()
-    args = [sys.executable, str(WORKER), scenario, str(out)] + [f"{k}={v}" for k, v in opts.items()]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return launch_two_processes(WORKER, out, scenario, **opts)
 
 
 @pytest.mark.parametrize(("accumulate", "mode"), [(1, "external"), (1, "final"), (2, "hooks")])

@@ -5,3 +5,7 @@ from lightning_gradnoise.callbacks._monitor import GradNoiseMonitor, Misconfigur
 from lightning_gradnoise.callbacks._vr_moments import VRMoments
 
 __all__ = ["BatchSizeAdapter", "GradNoiseMonitor", "LRAdapter", "MisconfigurationError", "VRMoments", "scale_learning_rate"]
+
+from lightning_gradnoise._registration import flush as _flush  # noqa: E402
+
+_flush(__name__)

@@ -1,32 +1,27 @@
-"""Layer 1: scaling laws of learning rate and steps against batch size (pure math, no Lightning)."""
+"""Layer 1: scaling laws of learning rate and steps against batch size (pure math, no Lightning).
 
-from lightning_gradnoise.scaling._laws import (
-    RULES,
-    TradeoffFit,
-    eps_opt,
-    eps_opt_adam,
-    eps_opt_sgd,
-    fit_b_noise,
-    fit_eps_max,
-    lr_scale_factor,
-    plan_batch_sizes,
-    steps_for_examples,
-)
-from lightning_gradnoise.scaling._sign import sign_b_noise, sign_expectation, sign_loss_improvement, sign_optimal_lr
+Each name loads its module when first used, so importing this package is free until then.
+"""
 
-__all__ = [
-    "RULES",
-    "TradeoffFit",
-    "eps_opt",
-    "eps_opt_adam",
-    "eps_opt_sgd",
-    "fit_b_noise",
-    "fit_eps_max",
-    "lr_scale_factor",
-    "plan_batch_sizes",
-    "sign_b_noise",
-    "sign_expectation",
-    "sign_loss_improvement",
-    "sign_optimal_lr",
-    "steps_for_examples",
-]
+from lightning_gradnoise._lazy import lazy_names
+
+_WHERE = {
+    "eps_opt": "_laws",
+    "eps_opt_adam": "_laws",
+    "eps_opt_sgd": "_laws",
+    "fit_b_noise": "_laws",
+    "fit_eps_max": "_laws",
+    "lr_scale_factor": "_laws",
+    "plan_batch_sizes": "_plan",
+    "RULES": "_laws",
+    "sign_b_noise": "_sign",
+    "sign_expectation": "_sign",
+    "sign_loss_improvement": "_sign",
+    "sign_optimal_lr": "_sign",
+    "steps_for_examples": "_laws",
+    "TradeoffFit": "_laws",
+}
+
+__all__ = sorted(_WHERE)
+
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

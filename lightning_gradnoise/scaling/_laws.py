@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,7 +27,6 @@ __all__ = [
     "fit_b_noise",
     "fit_eps_max",
     "steps_for_examples",
-    "plan_batch_sizes",
 ]
 
 RULES = ("sgd", "adam")
@@ -149,34 +148,3 @@ def steps_for_examples(examples, s_min: float, e_min: float) -> Tensor:
     """Steps on the trade-off curve :math:`(S/S_\\min - 1)(E/E_\\min - 1) = 1` (Eq. 2.11)."""
     e = _t(examples)
     return s_min * (1.0 + 1.0 / (e / e_min - 1.0))
-
-
-def plan_batch_sizes(
-    b_noise: float,
-    batch_sizes: Sequence[float],
-    reference: Optional[tuple[float, float]] = None,
-    seconds_per_step: Optional[Callable[[float], float]] = None,
-) -> list[dict[str, float]]:
-    """Predicted steps, examples and time per candidate batch size, from a measured
-    :math:`B_\\text{noise}` (e.g. B_simple from a run's logs).
-
-    Args:
-        b_noise: the noise scale.
-        batch_sizes: candidates.
-        reference: ``(batch, steps)`` of a run that reached the target; it fixes
-            :math:`S_\\min = S_\\text{ref} / (1 + B_\\text{noise}/B_\\text{ref})`. Without it steps are
-            in units of :math:`S_\\min`.
-        seconds_per_step: ``batch -> seconds``; adds a ``time`` column.
-    """
-    if not b_noise > 0 or not math.isfinite(b_noise):
-        raise ValueError(f"b_noise={b_noise!r} must be positive and finite")
-    s_min = 1.0 if reference is None else reference[1] / (1.0 + b_noise / reference[0])
-    rows = []
-    for b in batch_sizes:
-        steps = s_min * (1.0 + b_noise / b)
-        row = {"batch": float(b), "steps": steps, "examples": steps * b, "steps/S_min": steps / s_min,
-               "examples/E_min": (steps * b) / (s_min * b_noise)}
-        if seconds_per_step is not None:
-            row["time"] = steps * float(seconds_per_step(b))
-        rows.append(row)
-    return rows

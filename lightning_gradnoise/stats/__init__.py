@@ -3,56 +3,39 @@
 Every estimator comes as an *update* that turns gradient moments into sufficient statistics and a
 *compute* that turns those into the number, in the torchmetrics functional style, plus small
 running trackers (bias-corrected EMAs) with ``state_dict`` / ``load_state_dict``.
+
+Each name loads its module when first used, so importing this package is free until then.
 """
 
-from lightning_gradnoise.stats._ema import BiasCorrectedEMA
-from lightning_gradnoise.stats._gsnr import gsnr, gsnr_layer_stats, gsnr_scale, gsnr_scale_many, gsnr_variance
-from lightning_gradnoise.stats._noise_scale import (
-    GradientNoiseScale,
-    NoiseScaleStats,
-    noise_scale_compute,
-    noise_scale_from_moments,
-    noise_scale_update,
-    noise_scale_update_from_sums,
-)
-from lightning_gradnoise.stats._redundancy import (
-    GR_S_BAND,
-    GR_T_TARGET,
-    TemporalRedundancy,
-    batch_range_for_gr_s,
-    check_band,
-    divided_power,
-    gr_s,
-    gr_s_groups,
-    gr_t_expected,
-    ema_effective_steps,
-    gr_t_frozen,
-    mu_from_gr_s_groups,
-)
+from lightning_gradnoise._lazy import lazy_names
 
-__all__ = [
-    "BiasCorrectedEMA",
-    "GR_S_BAND",
-    "GR_T_TARGET",
-    "GradientNoiseScale",
-    "NoiseScaleStats",
-    "TemporalRedundancy",
-    "batch_range_for_gr_s",
-    "check_band",
-    "divided_power",
-    "gr_s",
-    "gr_s_groups",
-    "gr_t_expected",
-    "ema_effective_steps",
-    "gr_t_frozen",
-    "gsnr",
-    "gsnr_layer_stats",
-    "gsnr_scale",
-    "gsnr_scale_many",
-    "gsnr_variance",
-    "mu_from_gr_s_groups",
-    "noise_scale_compute",
-    "noise_scale_from_moments",
-    "noise_scale_update",
-    "noise_scale_update_from_sums",
-]
+_WHERE = {
+    "batch_range_for_gr_s": "_bands",
+    "BiasCorrectedEMA": "_ema",
+    "check_band": "_bands",
+    "divided_power": "_redundancy",
+    "ema_effective_steps": "_redundancy",
+    "gr_s": "_redundancy",
+    "GR_S_BAND": "_bands",
+    "gr_s_groups": "_redundancy",
+    "gr_t_expected": "_redundancy",
+    "gr_t_frozen": "_redundancy",
+    "GR_T_TARGET": "_bands",
+    "GradientNoiseScale": "_noise_scale",
+    "gsnr": "_gsnr",
+    "gsnr_layer_stats": "_gsnr",
+    "gsnr_scale": "_gsnr",
+    "gsnr_scale_many": "_gsnr",
+    "gsnr_variance": "_gsnr",
+    "mu_from_gr_s_groups": "_redundancy",
+    "noise_scale_compute": "_noise_scale",
+    "noise_scale_from_moments": "_noise_scale",
+    "noise_scale_update": "_noise_scale",
+    "noise_scale_update_from_sums": "_noise_scale",
+    "NoiseScaleStats": "_noise_scale",
+    "TemporalRedundancy": "_redundancy",
+}
+
+__all__ = sorted(_WHERE)
+
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -13,36 +13,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "GR_S_BAND",
-    "GR_T_TARGET",
     "gr_s",
     "gr_s_groups",
     "mu_from_gr_s_groups",
-    "batch_range_for_gr_s",
-    "check_band",
     "divided_power",
     "gr_t_expected",
     "ema_effective_steps",
     "gr_t_frozen",
     "TemporalRedundancy",
 ]
-
-GR_S_BAND = (0.5, 0.65)
-"""The ideal :math:`GR_S` band (GR-Gauge App. E): :math:`B` between about :math:`\\mu/2` and :math:`\\mu`."""
-GR_T_TARGET = 20.0
-"""The ideal :math:`GR_T` (GR-Gauge App. E: Eq. 19 at :math:`B=\\mu, \\eta = 1/(2\\bar\\lambda), \\beta=0.9`)."""
-
-
-def check_band(band: Sequence[float], name: str = "band") -> tuple[float, float]:
-    """Validate a ``(low, high)`` band of :math:`GR_S` values: ``0 < low < high < 1``."""
-    try:
-        low, high = (float(v) for v in band)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={band!r} is invalid: expected two numbers (low, high)") from None
-    if not (0.0 < low < high < 1.0):
-        raise ValueError(f"{name}={tuple(band)!r} is invalid: expected 0 < low < high < 1")
-    return low, high
-
 
 def gr_s(b_simple: Tensor | float, batch_size: Tensor | float) -> Tensor:
     r"""Expected spatial redundancy at global batch :math:`B` (GR-Gauge Lemma 2, Eq. 25).
@@ -74,24 +53,6 @@ def mu_from_gr_s_groups(xi: Tensor | float, k: int, group_size: float) -> Tensor
     """
     xi = torch.as_tensor(xi, dtype=torch.float64)
     return group_size * ((k - 1) / (1.0 - xi) - k)
-
-
-def batch_range_for_gr_s(b_simple: float, band: Sequence[float] = GR_S_BAND) -> tuple[float, float]:
-    r"""The global batch sizes whose :math:`GR_S` lies in ``band`` (Lemma 2 inverted).
-
-    .. math:: B = \frac{1 + \mu}{GR_S} - \mu
-
-    Returns ``(B_low, B_high)``: ``B_low`` gives the band's upper end, ``B_high`` its lower end
-    (:math:`GR_S` falls as :math:`B` grows, Theorem 2).
-
-    Example:
-        >>> lo, hi = batch_range_for_gr_s(1000.0)
-        >>> round(lo), round(hi)
-        (540, 1002)
-    """
-    low, high = check_band(band)
-    mu = float(b_simple)
-    return (1.0 + mu) / high - mu, (1.0 + mu) / low - mu
 
 
 def divided_power(a: Tensor, b: Tensor, p: Tensor | float, tol: float = 1e-7) -> Tensor:

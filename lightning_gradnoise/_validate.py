@@ -1,0 +1,168 @@
+"""Argument checks shared by every public constructor and function (pure Python, no torch).
+
+Each check raises ``TypeError`` for a value of the wrong type and ``ValueError`` for one out of
+range, and its message names the argument, the value given and what is allowed::
+
+    lr=-0.1 is invalid: expected a finite number > 0
+
+Checks run once, where a value enters the library (a constructor, a public function, a
+Trainer's ``setup``), never on the per-step path.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+__all__ = [
+    "check_bool",
+    "check_callable",
+    "check_choice",
+    "check_int",
+    "check_number",
+    "check_numbers",
+    "check_optional",
+    "fail",
+]
+
+
+def fail(name: str, value: Any, expected: str, error: type = ValueError) -> None:
+    """Raise ``error`` saying ``name=value is invalid: expected ...``."""
+    raise error(f"{name}={value!r} is invalid: expected {expected}")
+
+
+def _range_text(low: Optional[float], high: Optional[float], low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    return " and ".join(parts)
+
+
+def _as_real(value: Any) -> Optional[float]:
+    """The value as a float if it is one real number (a 0-d tensor or numpy scalar too), else None."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        item = value.item()
+        return float(item) if isinstance(item, numbers.Real) and not isinstance(item, bool) else None
+    return None
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """A real number (not a bool) in the given range; returns it as a ``float``.
+
+    Example:
+        >>> check_number("lr", 0.1, low=0, low_open=True)
+        0.1
+        >>> check_number("lr", -1.0, low=0, low_open=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: lr=-1.0 is invalid: expected a finite number > 0
+    """
+    bounds = _range_text(low, high, low_open, high_open)
+    expected = ("a finite number" if finite else "a number (inf allowed)") + (f" {bounds}" if bounds else "")
+    x = _as_real(value)
+    if x is None:
+        fail(name, value, expected, TypeError)
+    if math.isnan(x) or (finite and math.isinf(x)):
+        fail(name, value, expected)
+    if low is not None and (x < low or (low_open and x == low)):
+        fail(name, value, expected)
+    if high is not None and (x > high or (high_open and x == high)):
+        fail(name, value, expected)
+    return x
+
+
+def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """A whole number (an ``int``, not a bool, or an integral float) in ``[low, high]``.
+
+    Example:
+        >>> check_int("k", 2, low=2)
+        2
+    """
+    bounds = _range_text(low, high, False, False)
+    expected = "a whole number" + (f" {bounds}" if bounds else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(name, value, expected, TypeError)
+    if not isinstance(value, numbers.Integral):
+        if not (math.isfinite(float(value)) and float(value).is_integer()):
+            fail(name, value, expected)
+    x = int(value)
+    if (low is not None and x < low) or (high is not None and x > high):
+        fail(name, value, expected)
+    return x
+
+
+def check_numbers(
+    name: str, values: Any, *, min_len: int = 1, length: Optional[int] = None, **bounds: Any
+) -> list[float]:
+    """A sequence of numbers, each as :func:`check_number` with ``bounds``; returns a list.
+
+    Example:
+        >>> check_numbers("batch_sizes", [32, 64], low=0, low_open=True)
+        [32.0, 64.0]
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) and not hasattr(values, "tolist"):
+        fail(name, values, "a sequence of numbers", TypeError)
+    items = values.reshape(-1).tolist() if hasattr(values, "reshape") and hasattr(values, "tolist") else list(values)
+    if length is not None and len(items) != length:
+        fail(name, values, f"{length} numbers, got {len(items)}")
+    if len(items) < min_len:
+        fail(name, values, f"at least {min_len} number{'s' if min_len > 1 else ''}")
+    return [check_number(f"{name}[{i}]", v, **bounds) for i, v in enumerate(items)]
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``True`` or ``False`` (not 0, 1 or a string).
+
+    Example:
+        >>> check_bool("per_layer", "no")
+        Traceback (most recent call last):
+        ...
+        TypeError: per_layer='no' is invalid: expected True or False
+    """
+    if not isinstance(value, bool):
+        fail(name, value, "True or False", TypeError)
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """One of ``choices``.
+
+    Example:
+        >>> check_choice("rule", "adam", ("sgd", "adam"))
+        'adam'
+    """
+    try:
+        ok = value in choices
+    except TypeError:
+        ok = False
+    if not ok:
+        fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def check_callable(name: str, value: Any) -> Callable[..., Any]:
+    """A callable (a function, a class, an object with ``__call__``)."""
+    if not callable(value):
+        fail(name, value, "a callable", TypeError)
+    return value
+
+
+def check_optional(check: Callable[..., Any], name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """``None``, or what ``check(name, value, ...)`` accepts."""
+    return None if value is None else check(name, value, *args, **kwargs)
