@@ -16,6 +16,7 @@ import numbers
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 __all__ = [
+    "check_array",
     "check_bool",
     "check_callable",
     "check_choice",
@@ -62,10 +63,14 @@ def check_number(
     low_open: bool = False,
     high_open: bool = False,
     finite: bool = True,
+    nan_ok: bool = False,
 ) -> float:
     """A real number (not a bool) in the given range; returns it as a ``float``.
 
-    Example:
+    ``finite=False`` also accepts inf (when in range); ``nan_ok=True`` accepts NaN, for an
+    argument where NaN means "not known yet".
+
+    Examples:
         >>> check_number("lr", 0.1, low=0, low_open=True)
         0.1
         >>> check_number("lr", -1.0, low=0, low_open=True)
@@ -77,7 +82,9 @@ def check_number(
     expected = ("a finite number" if finite else "a number (inf allowed)") + (f" {bounds}" if bounds else "")
     x = _as_real(value)
     if x is None:
-        fail(name, value, expected, TypeError)
+        fail(name, value, expected + (" or NaN (not known yet)" if nan_ok else ""), TypeError)
+    if nan_ok and math.isnan(x):
+        return x
     if math.isnan(x) or (finite and math.isinf(x)):
         fail(name, value, expected)
     if low is not None and (x < low or (low_open and x == low)):
@@ -90,7 +97,7 @@ def check_number(
 def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """A whole number (an ``int``, not a bool, or an integral float) in ``[low, high]``.
 
-    Example:
+    Examples:
         >>> check_int("k", 2, low=2)
         2
     """
@@ -112,7 +119,7 @@ def check_numbers(
 ) -> list[float]:
     """A sequence of numbers, each as :func:`check_number` with ``bounds``; returns a list.
 
-    Example:
+    Examples:
         >>> check_numbers("batch_sizes", [32, 64], low=0, low_open=True)
         [32.0, 64.0]
     """
@@ -129,7 +136,7 @@ def check_numbers(
 def check_bool(name: str, value: Any) -> bool:
     """``True`` or ``False`` (not 0, 1 or a string).
 
-    Example:
+    Examples:
         >>> check_bool("per_layer", "no")
         Traceback (most recent call last):
         ...
@@ -143,7 +150,7 @@ def check_bool(name: str, value: Any) -> bool:
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """One of ``choices``.
 
-    Example:
+    Examples:
         >>> check_choice("rule", "adam", ("sgd", "adam"))
         'adam'
     """
@@ -166,3 +173,68 @@ def check_callable(name: str, value: Any) -> Callable[..., Any]:
 def check_optional(check: Callable[..., Any], name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
     """``None``, or what ``check(name, value, ...)`` accepts."""
     return None if value is None else check(name, value, *args, **kwargs)
+
+
+def check_array(
+    name: str,
+    value: Any,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    min_numel: int = 0,
+    ndim: Optional[int] = None,
+    finite: bool = True,
+) -> Any:
+    """A number, or a tensor (or numpy array) of numbers each in the given range; returns it.
+
+    Values are checked where that costs no device synchronization: a Python number, or an array
+    in host memory. An array on an accelerator is checked for its shape only (a check of its
+    values would stall the device on a hot path). ``finite=False`` lets NaN and inf through
+    (for inputs whose non-finite values a running statistic refuses and counts by itself).
+
+    Examples:
+        >>> import torch
+        >>> check_array("batch", torch.tensor([16.0, -4.0]), low=0, low_open=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch=tensor([16., -4.]) is invalid: expected finite numbers > 0
+    """
+    if _as_real(value) is not None:
+        if ndim not in (None, 0) or min_numel > 1:
+            fail(name, value, f"an array of {ndim}-d" if ndim else f"at least {min_numel} numbers", TypeError)
+        if not finite and not math.isfinite(float(value)):
+            return value
+        return check_number(name, value, low=low, high=high, low_open=low_open, high_open=high_open)
+    if isinstance(value, (str, bytes)) or not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        fail(name, value, "a number or a tensor of numbers", TypeError)
+    if ndim is not None and len(value.shape) != ndim:
+        fail(name, value, f"a {ndim}-d tensor, got shape {tuple(value.shape)}")
+    numel = 1
+    for n in value.shape:
+        numel *= int(n)
+    if numel < min_numel:
+        fail(name, value, f"at least {min_numel} numbers, got {numel}")
+    if "bool" in str(value.dtype) or "complex" in str(value.dtype):
+        fail(name, value, "real numbers", TypeError)
+    device = getattr(value, "device", "cpu")
+    if numel == 0 or getattr(device, "type", device) != "cpu":
+        return value
+    flat = value.reshape(-1)
+    bounds = _range_text(low, high, low_open, high_open)
+    expected = "finite numbers" + (f" {bounds}" if bounds else "")
+    if not finite:
+        if low is None and high is None:
+            return value
+        flat = flat[(flat == flat) & (flat != math.inf) & (flat != -math.inf)]
+        if flat.shape[0] == 0:
+            return value
+    lo, hi = float(flat.min()), float(flat.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or bool((flat != flat).any()):
+        fail(name, value, expected)
+    if low is not None and (lo < low or (low_open and lo == low)):
+        fail(name, value, expected)
+    if high is not None and (hi > high or (high_open and hi == high)):
+        fail(name, value, expected)
+    return value

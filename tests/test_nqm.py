@@ -95,5 +95,5 @@ def test_bad_arguments() -> None:
         model.risk(0.1, 1, 10, precond=2.0)
     with pytest.raises(ValueError, match="together"):
         model.risk(0.1, 1, 10, momentum=0.5, ema=0.5)
-    with pytest.raises(ValueError, match="same length"):
+    with pytest.raises(ValueError, match="one value per entry of h"):
         NQM(h=torch.ones(3), c=torch.ones(2))

@@ -188,7 +188,7 @@ def test_resume_from_state_dict_continues_exactly(name) -> None:
 
 
 def test_factory_errors_groups_and_listing() -> None:
-    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'.*vr_lamb"):
+    with pytest.raises(ValueError, match="name='adagrad'.*vr_lamb"):
         create_optimizer("adagrad", [torch.nn.Parameter(torch.ones(1))])
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
     opt = create_optimizer("VR-AdamW", model, weight_decay=0.05)

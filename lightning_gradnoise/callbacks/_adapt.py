@@ -6,10 +6,12 @@ the plain controllers of :mod:`lightning_gradnoise.control`; these classes only 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
+from lightning_gradnoise._validate import check_choice, check_int, check_number, check_optional, fail
 from lightning_gradnoise.callbacks._compat import CallbackBase, namespace_of
 from lightning_gradnoise.callbacks._logging import log_scalars
 from lightning_gradnoise.callbacks._monitor import GradNoiseMonitor, MisconfigurationError
@@ -28,7 +30,18 @@ def scale_learning_rate(optimizer: Any, schedulers: list[Any], factor: float) ->
     ``max_lr``, ``min_lr`` in the groups, ``base_lrs`` of each scheduler) are scaled alike:
     chainable schedulers (``StepLR``, ``ExponentialLR``) continue from the scaled ``lr``, closed-form
     ones (``LambdaLR``, ``OneCycleLR``, ...) recompute from the scaled bases, so the schedule's
-    shape is kept and the scale is not wiped out."""
+    shape is kept and the scale is not wiped out.
+
+    Args:
+        optimizer: a torch optimizer.
+        schedulers: the learning-rate schedulers of that optimizer (a list, maybe empty).
+        factor: a finite number > 0.
+    """
+    if not hasattr(optimizer, "param_groups"):
+        fail("optimizer", optimizer, "a torch optimizer (with param_groups)", TypeError)
+    if isinstance(schedulers, (str, bytes)) or not isinstance(schedulers, (list, tuple)):
+        fail("schedulers", schedulers, "a list of learning-rate schedulers (maybe empty)", TypeError)
+    factor = check_number("factor", factor, low=0, low_open=True)
     for group in optimizer.param_groups:
         for key in _GROUP_KEYS:
             if isinstance(group.get(key), (int, float)):
@@ -65,14 +78,17 @@ class BatchSizeAdapter(CallbackBase):
     overrides the detection). Needs a :class:`GradNoiseMonitor` measuring ``gr_s``.
 
     Args:
-        min_batch, max_batch: bounds on the global batch (default: the smallest batch the monitor
-            can still measure, and 1024 micro-batches per device). On one device the batch never
-            goes below two micro-batches, whatever ``min_batch`` says (a bound raised to that floor is
-            warned about): with one, there is no
-            second gradient group and :math:`B_\text{simple}` would stop updating.
-        band, hysteresis, cooldown, max_factor: see
-            :class:`~lightning_gradnoise.control.BatchSizeController`.
+        min_batch: lower bound on the global batch (default: the smallest batch the monitor can
+            still measure). On one device the batch never goes below two micro-batches, whatever
+            ``min_batch`` says (a bound raised to that floor is warned about): with one, there is
+            no second gradient group and :math:`B_\text{simple}` would stop updating.
+        max_batch: upper bound on the global batch (default: 1024 micro-batches per device).
+        band: the :math:`GR_S` band to keep, ``(low, high)`` with ``0 < low < high < 1``.
+        hysteresis: how far outside the band :math:`GR_S` must be before the batch moves.
+        cooldown: optimizer steps to wait after a change.
         lr_rule: ``"auto"``, ``"sgd"``, ``"adam"``, or ``None`` to leave the learning rate alone.
+        max_factor: the most the batch may grow or shrink per decision (a power of two); see
+            :class:`~lightning_gradnoise.control.BatchSizeController`.
     """
 
     def __init__(
@@ -85,11 +101,9 @@ class BatchSizeAdapter(CallbackBase):
         lr_rule: Optional[str] = "auto",
         max_factor: int = 2,
     ) -> None:
-        if lr_rule not in ("auto", "sgd", "adam", None):
-            raise ValueError(f"lr_rule={lr_rule!r} is invalid: expected 'auto', 'sgd', 'adam' or None")
-        for name, value in (("min_batch", min_batch), ("max_batch", max_batch)):
-            if value is not None and not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1 or None")
+        check_choice("lr_rule", lr_rule, ("auto", "sgd", "adam", None))
+        min_batch = check_optional(check_int, "min_batch", min_batch, low=1)
+        max_batch = check_optional(check_int, "max_batch", max_batch, low=1)
         if min_batch is not None and max_batch is not None and min_batch > max_batch:
             raise ValueError(f"min_batch={min_batch!r} is above max_batch={max_batch!r}: expected min_batch <= max_batch")
         BatchSizeController(unit=1, min_batch=1, max_batch=1, band=band, hysteresis=hysteresis, cooldown=cooldown, max_factor=max_factor)
@@ -127,7 +141,7 @@ class BatchSizeAdapter(CallbackBase):
         return int(self._restored["controller"]["last_change"]) if self._restored else 0
 
     def batch_bounds(self, micro: int, world_size: int) -> tuple[int, int, int]:
-        """``(unit, min_batch, max_batch)`` for this micro-batch and number of devices.
+        r"""``(unit, min_batch, max_batch)`` for this micro-batch and number of devices.
 
         The floor keeps at least two gradient groups per step (two micro-batches on one device),
         the least the monitor needs to keep measuring :math:`B_\text{simple}`."""
@@ -272,7 +286,9 @@ class LRAdapter(CallbackBase):
         batch = self.batch_adapter
         if batch is not None and batch.last_change > 0 and trainer.global_step - batch.last_change < self.controller.cooldown:
             return  # GR_T's EMAs still span the batch before the change: wait a cooldown
-        mu_over_b = latest.get("b_simple", float("nan")) / (latest.get("batch_size") or float("nan"))
+        b_simple, batch_size = latest.get("b_simple", math.nan), latest.get("batch_size") or math.nan
+        # a negative B_simple is |G|^2 not yet resolved from zero: no ratio to set a target from
+        mu_over_b = b_simple / batch_size if b_simple >= 0 and batch_size > 0 else math.nan
         age = self.monitor.tracker.temporal.count if self.monitor.tracker is not None else None
         decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step, mu_over_b, age)
         new_scale, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))

@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from lightning_gradnoise._validate import check_bool, check_callable, check_choice, check_int, check_number, check_optional
 from lightning_gradnoise.capture import GradNoiseTracker, needs_groups, parse_statistics
 from lightning_gradnoise.callbacks._compat import CallbackBase, extract_batch_size, gradient_as_bucket_view, namespace_of
 from lightning_gradnoise.callbacks._logging import log_histograms, log_scalars
@@ -49,7 +50,7 @@ class GradNoiseMonitor(CallbackBase):
             ``"sum"`` if it sums; the group's mean gradient is recovered either way.
         batch_size_fn: ``batch -> number of samples``; by default Lightning's own rule.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(accumulate_grad_batches=4, callbacks=[GradNoiseMonitor(statistics="all")])
     """
@@ -66,14 +67,13 @@ class GradNoiseMonitor(CallbackBase):
         batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
         self.statistics = parse_statistics(statistics)
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"log_every_n_steps={log_every_n_steps!r} is invalid: expected an int >= 1 or None")
-        if not (0.0 <= ema_decay < 1.0):
-            raise ValueError(f"ema_decay={ema_decay!r} is out of range: expected 0 <= ema_decay < 1")
-        if not (0.0 < gr_t_beta < 1.0):
-            raise ValueError(f"gr_t_beta={gr_t_beta!r} is out of range: expected 0 < gr_t_beta < 1")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction={loss_reduction!r} is invalid: expected 'mean' or 'sum'")
+        log_every_n_steps = check_optional(check_int, "log_every_n_steps", log_every_n_steps, low=1)
+        check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
+        check_number("gr_t_beta", gr_t_beta, low=0, low_open=True, high=1, high_open=True)
+        check_bool("per_layer", per_layer)
+        check_bool("histograms", histograms)
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        check_optional(check_callable, "batch_size_fn", batch_size_fn)
         if histograms and "gsnr" not in self.statistics:
             raise ValueError("histograms=True needs 'gsnr' in statistics")
         self.log_every_n_steps = log_every_n_steps
@@ -101,6 +101,13 @@ class GradNoiseMonitor(CallbackBase):
             raise MisconfigurationError(
                 "GradNoiseMonitor needs automatic optimization; this LightningModule sets "
                 "automatic_optimization = False. Use GradNoiseTracker in your training_step instead."
+            )
+        params = list(pl_module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            # (a model built in configure_model has no parameters yet here: on_train_start tells)
+            raise MisconfigurationError(
+                f"{type(self).__name__} has nothing to measure: every parameter of {type(pl_module).__name__} is frozen "
+                "(requires_grad=False). Unfreeze the parameters that train, or remove the callback."
             )
         strategy = trainer.strategy
         ddp = ns.strategies.DDPStrategy

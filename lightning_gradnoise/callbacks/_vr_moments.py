@@ -18,7 +18,7 @@ class VRMoments(GradNoiseMonitor):
     all-reduce) or ``"ddp"`` (one extra parameter-sized all-reduce per step). It logs nothing;
     add a :class:`GradNoiseMonitor` for that.
 
-    Example:
+    Examples:
         >>> from lightning_gradnoise.optim import create_optimizer
         >>> # in configure_optimizers: return create_optimizer("vr_adam", self, lr=1e-3)
         >>> # Trainer(accumulate_grad_batches=4, callbacks=[VRMoments()])

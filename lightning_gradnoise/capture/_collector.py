@@ -8,10 +8,26 @@ from typing import Any, Iterable, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradientMomentCollector", "size_sums"]
+from lightning_gradnoise._validate import check_bool, check_choice, check_int, check_number, fail
+
+__all__ = ["GradientMomentCollector", "named_parameters", "size_sums"]
 
 MODES = ("hooks", "swap", "final", "external")
 NamedParams = Union[nn.Module, Iterable[tuple[str, nn.Parameter]]]
+
+
+def named_parameters(params: Any) -> list[tuple[str, Tensor]]:
+    """``params`` (a module, or ``(name, parameter)`` pairs) as a list of pairs, checked."""
+    if isinstance(params, nn.Module):
+        return list(params.named_parameters())
+    expected = "a module or (name, parameter) pairs, e.g. model.named_parameters()"
+    if params is None or isinstance(params, (Tensor, str, bytes)) or not isinstance(params, Iterable):
+        fail("params", params, expected, TypeError)
+    pairs = list(params)
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], Tensor)):
+            fail("params", pairs if len(pairs) < 4 else f"[..., {pair!r}, ...]", expected, TypeError)
+    return pairs
 
 
 def size_sums(sizes: list[int | None]) -> tuple[float, float]:
@@ -61,7 +77,7 @@ class GradientMomentCollector:
         elementwise: also keep the elementwise sum of squared group gradients.
         mode: ``"hooks"``, ``"swap"`` or ``"external"``.
 
-    Example:
+    Examples:
         >>> model = nn.Linear(3, 1)
         >>> collector = GradientMomentCollector(model).attach()
         >>> for xb in torch.randn(4, 8, 3).unbind(0):          # 4 micro-batches of 8
@@ -74,19 +90,17 @@ class GradientMomentCollector:
     """
 
     def __init__(self, params: NamedParams, elementwise: bool = False, mode: str = "hooks") -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is invalid: expected one of {MODES}")
-        self.mode = mode
-        named = params.named_parameters() if isinstance(params, nn.Module) else params
+        self.mode = check_choice("mode", mode, MODES)
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
-        for name, p in named:
+        for name, p in named_parameters(params):
             if p.requires_grad:
                 self.names.append(name)
                 self.params.append(p)
         if not self.params:
-            raise ValueError("params has no parameter that requires grad")
-        self.elementwise = bool(elementwise)
+            raise ValueError("params has no parameter that requires grad: is every parameter frozen? "
+                             "Unfreeze at least one, or measure a module that trains")
+        self.elementwise = check_bool("elementwise", elementwise)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._scale: float | None = None
         self._current: list[Tensor | None] = [None] * len(self.params)
@@ -176,6 +190,9 @@ class GradientMomentCollector:
         ``mode="final"`` and ignored otherwise."""
         if self._scale is not None:
             raise RuntimeError("begin_group() called twice without end_group()")
+        check_number("scale", scale, low=0, low_open=True)
+        if size is not None:
+            check_int("size", size, low=1)
         if self.mode == "final" and self._attached:
             if loss is None or not loss.requires_grad:
                 raise ValueError(

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gradnoise._validate import check_callable, check_int, check_optional, fail
 from lightning_gradnoise.capture._collector import GradientMomentCollector
 from lightning_gradnoise.capture._dist import WorldSize
 
@@ -46,8 +47,9 @@ class GradNoiseCommState:
         collector: the :class:`GradientMomentCollector` that the hook feeds (its local norms, in
             ``mode="external"``) and reads (its elementwise moments, when it keeps them).
         process_group: the group DDP reduces over (``None``: the default group).
-        inner_hook, inner_state: a user's communication hook (e.g. fp16 compression) that still
-            reduces the gradients; elementwise moments then travel in one extra all-reduce.
+        inner_hook: a user's communication hook (e.g. fp16 compression) that still reduces the
+            gradients; elementwise moments then travel in one extra all-reduce.
+        inner_state: the state ``inner_hook`` is called with.
         pack_limit: a bucket of at most this many elements with its elementwise moments carries
             them in its own all-reduce; a bigger one is reduced in place with the moments beside it.
     """
@@ -60,9 +62,10 @@ class GradNoiseCommState:
         inner_state: Any = None,
         pack_limit: int = PACK_LIMIT,
     ) -> None:
-        if not (isinstance(pack_limit, int) and pack_limit >= 0):
-            raise ValueError(f"pack_limit={pack_limit!r} is invalid: expected an int >= 0 (elements)")
-        self.pack_limit = pack_limit
+        self.pack_limit = check_int("pack_limit", pack_limit, low=0)
+        if collector is not None and not isinstance(collector, GradientMomentCollector):
+            fail("collector", collector, "a GradientMomentCollector or None", TypeError)
+        check_optional(check_callable, "inner_hook", inner_hook)
         self.process_group = process_group
         self.inner_hook = inner_hook
         self.inner_state = inner_state

@@ -42,7 +42,7 @@ def destroy_process_group() -> None:
     freed first (``gc.collect()``), so the group's own Python handle, which releases the GIL,
     destroys it. Drop your own references to the DDP model before calling this.
 
-    Example:
+    Examples:
         >>> destroy_process_group()   # nothing to do without torch.distributed
     """
     if dist.is_available() and dist.is_initialized():

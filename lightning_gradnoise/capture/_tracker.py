@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gradnoise._validate import check_bool, check_choice, check_number, fail
 from lightning_gradnoise.capture._collector import GradientMomentCollector, NamedParams, size_sums
 from lightning_gradnoise.capture._comm import ReducedMoments
 from lightning_gradnoise.capture._dist import WorldSize
@@ -84,14 +85,20 @@ def _loaded_entry(state: dict[str, Any], device: torch.device) -> _Pending:
     return _Pending(**{**moved, "scales": tuple(state["scales"])})
 
 
-def needs_groups(statistics: Iterable[str]) -> bool:
+def needs_groups(statistics: str | Iterable[str]) -> bool:
     """Whether a selection needs at least two gradient groups per step (all but ``gr_t`` do)."""
-    return bool(set(statistics) & {"b_simple", "gr_s", "gsnr"})
+    return bool(parse_statistics(statistics) & {"b_simple", "gr_s", "gsnr"})
 
 
 def parse_statistics(statistics: str | Iterable[str]) -> frozenset[str]:
     """Validate a selection of :data:`STATISTICS` (``"all"`` selects every one)."""
-    chosen = set(STATISTICS) if statistics == "all" else ({statistics} if isinstance(statistics, str) else set(statistics))
+    expected = f"one or more of {STATISTICS}, or 'all'"
+    if isinstance(statistics, str):
+        chosen = set(STATISTICS) if statistics == "all" else {statistics}
+    elif isinstance(statistics, Iterable) and all(isinstance(s, str) for s in statistics):
+        chosen = set(statistics)
+    else:
+        fail("statistics", statistics, expected, TypeError)
     unknown = chosen - set(STATISTICS)
     if unknown or not chosen:
         raise ValueError(f"statistics={statistics!r} is invalid: choose one or more of {STATISTICS} or 'all'")
@@ -120,7 +127,7 @@ class GradNoiseTracker:
         mode: how the collector sees each group's gradient (:class:`GradientMomentCollector`):
             ``"hooks"`` (anywhere, DDP included) or ``"swap"`` (cheaper; not under DDP).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(4, 1)
         >>> tracker = GradNoiseTracker(model, statistics=("b_simple", "gr_s")).attach()
         >>> for step in range(3):
@@ -144,6 +151,8 @@ class GradNoiseTracker:
         mode: str = "hooks",
     ) -> None:
         self.statistics = parse_statistics(statistics)
+        ema_decay = check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
+        gr_t_beta = check_number("gr_t_beta", gr_t_beta, low=0, low_open=True, high=1, high_open=True)
         self.collector = GradientMomentCollector(params, mode=mode)
         self.noise_scale = GradientNoiseScale(ema_decay)
         self.temporal = TemporalRedundancy(gr_t_beta)
@@ -172,6 +181,12 @@ class GradNoiseTracker:
         self.collector.detach()
 
     # -- per step -----------------------------------------------------------------------------
+    def skip_step(self) -> None:
+        """Drop the step being measured, counted in ``skipped_steps`` (e.g. one with an empty
+        micro-batch, which has no mean gradient): nothing of it is folded in."""
+        self.collector.reset()
+        self.skipped_steps += 1
+
     def begin_step(self, elementwise: bool = False) -> None:
         """Start a step; ``elementwise`` captures the moments GSNR needs (only if selected)."""
         self.collector.reset()
@@ -214,8 +229,10 @@ class GradNoiseTracker:
             Under ``torch.distributed`` every process must make the same calls: a summarized
             step runs a collective.
         """
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction={loss_reduction!r} is invalid: expected 'mean' or 'sum'")
+        check_number("loss_divisor", loss_divisor, low=0, low_open=True)
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        check_bool("summarize", summarize)
+        check_bool("per_layer", per_layer)
         col = self.collector
         world = self._world_size(process_group)
         self._group = process_group
@@ -376,7 +393,9 @@ class GradNoiseTracker:
             out.update(b_simple=float(b_simple), grad_sq=float(g2.sum()), trace_cov=float(tr.sum()))
             layers.update(b_simple=tr / g2, grad_sq=g2, trace_cov=tr)
             if "gr_s" in self.statistics:
-                out["gr_s"] = float(gr_s(b_simple, batch))
+                # GR_S = (1 + B_simple)/(B + B_simple) lies in (0, 1] only for B_simple >= 0
+                resolved = bool(torch.isfinite(b_simple)) and float(b_simple) >= 0 and batch > 0
+                out["gr_s"] = float(gr_s(b_simple, batch)) if resolved else math.nan
         if "gr_t" in self.statistics and self.temporal.count:
             v1, m2 = self.temporal.components()
             out["gr_t"] = float(v1.sum() / m2.sum())

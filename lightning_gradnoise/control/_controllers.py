@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_gradnoise._validate import check_int, check_number, fail
 from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr_s, check_band, ema_effective_steps, gr_t_expected
 from lightning_gradnoise.stats import gr_s as gr_s_at
 
@@ -24,6 +25,8 @@ def lr_rule_for(optimizer: Any) -> str:
     """``"adam"`` (surge rule) or ``"sgd"`` (McCandlish rule) from the optimizer's class and its bases.
 
     Raises ``ValueError`` for an optimizer it cannot place: pass the rule explicitly then."""
+    if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "step")):
+        fail("optimizer", optimizer, "a torch optimizer (with param_groups and step)", TypeError)
     for cls in type(optimizer).__mro__:
         name = cls.__name__.lower()
         if name in ADAM_STYLE:
@@ -31,7 +34,7 @@ def lr_rule_for(optimizer: Any) -> str:
         if name in SGD_STYLE:
             return "sgd"
     raise ValueError(
-        f"cannot tell whether {type(optimizer).__name__} scales like SGD or like Adam: pass lr_rule='sgd' or lr_rule='adam'"
+        f"optimizer={type(optimizer).__name__}: cannot tell whether it scales like SGD or like Adam: pass lr_rule='sgd' or lr_rule='adam'"
     )
 
 
@@ -55,7 +58,7 @@ class BatchSizeController:
     doubling or halving, since early estimates of :math:`B_\text{simple}` can be far off);
     without it, one doubling or halving.
 
-    Example:
+    Examples:
         >>> c = BatchSizeController(unit=32, min_batch=32, max_batch=1024)
         >>> c.decide(gr_s=0.9, batch=64, step=100).value    # too redundant: too small a batch
         128.0
@@ -75,20 +78,28 @@ class BatchSizeController:
 
     def __post_init__(self) -> None:
         self.band = check_band(self.band)
-        if not (isinstance(self.unit, int) and self.unit >= 1):
-            raise ValueError(f"unit={self.unit!r} must be an int >= 1 (micro-batch x devices)")
-        if not (self.unit <= self.min_batch <= self.max_batch):
-            raise ValueError(f"min_batch={self.min_batch!r}, max_batch={self.max_batch!r}: need unit ({self.unit}) <= min_batch <= max_batch")
-        if not (0 <= self.hysteresis < (self.band[1] - self.band[0])):
-            raise ValueError(f"hysteresis={self.hysteresis!r} must be >= 0 and below the band's width")
-        if not (isinstance(self.cooldown, int) and self.cooldown >= 0):
-            raise ValueError(f"cooldown={self.cooldown!r} must be an int >= 0")
-        if not (isinstance(self.max_factor, int) and self.max_factor >= 2 and not self.max_factor & (self.max_factor - 1)):
-            raise ValueError(f"max_factor={self.max_factor!r} must be a power of two >= 2")
+        self.unit = check_int("unit", self.unit, low=1)
+        self.min_batch = check_int("min_batch", self.min_batch, low=self.unit)
+        self.max_batch = check_int("max_batch", self.max_batch, low=1)
+        if self.max_batch < self.min_batch:
+            raise ValueError(f"min_batch={self.min_batch!r}, max_batch={self.max_batch!r} are invalid: expected "
+                             f"unit ({self.unit}) <= min_batch <= max_batch")
+        self.hysteresis = check_number("hysteresis", self.hysteresis, low=0, high=self.band[1] - self.band[0], high_open=True)
+        self.cooldown = check_int("cooldown", self.cooldown, low=0)
+        self.last_change = check_int("last_change", self.last_change, low=0)
+        if not (isinstance(self.max_factor, int) and not isinstance(self.max_factor, bool)):
+            fail("max_factor", self.max_factor, "a power of two >= 2", TypeError)
+        if not (self.max_factor >= 2 and not self.max_factor & (self.max_factor - 1)):
+            fail("max_factor", self.max_factor, "a power of two >= 2")
 
     def decide(self, gr_s: float, batch: float, step: int, b_simple: float | None = None) -> Decision:
-        """The batch for the next steps, from the current :math:`GR_S` (and :math:`B_\text{simple}`,
-        which says how far to go)."""
+        r"""The batch for the next steps, from the current :math:`GR_S` (and :math:`B_\text{simple}`,
+        which says how far to go). A NaN ``gr_s`` means no estimate yet."""
+        gr_s = check_number("gr_s", gr_s, low=0, high=1, nan_ok=True)
+        batch = check_number("batch", batch, low=0, low_open=True)
+        check_int("step", step, low=0)
+        if b_simple is not None:
+            check_number("b_simple", b_simple, low=0, finite=False, nan_ok=True)
         low, high = self.band
         if not math.isfinite(gr_s):
             return Decision(batch, False, "no GR_S estimate yet")
@@ -107,10 +118,11 @@ class BatchSizeController:
         return Decision(new, True, why + f": {batch:.0f} -> {new:.0f}")
 
     def decide_from_noise_scale(self, b_simple: float | None, batch: float, step: int) -> Decision:
-        """:meth:`decide` with :math:`GR_S` computed at ``batch`` from :math:`B_\text{simple}`
+        r""":meth:`decide` with :math:`GR_S` computed at ``batch`` from :math:`B_\text{simple}`
         (Lemma 2): the configured batch, not the batch of the step that was measured (a short
         last accumulation window of an epoch would read as a spike of :math:`GR_S`)."""
-        if b_simple is None or not math.isfinite(b_simple):
+        if b_simple is None or not math.isfinite(b_simple) or b_simple < 0:
+            # a negative reading is |G|^2 not yet resolved from zero: no estimate to act on
             return Decision(batch, False, "no B_simple estimate yet")
         return self.decide(float(gr_s_at(b_simple, batch)), batch, step, b_simple)
 
@@ -153,14 +165,13 @@ def gr_t_target(mu_over_b: float, beta: float = 0.9) -> float:
     below :math:`r \approx 0.41`). It stays between about 5 (:math:`r \to 0`) and 50
     (:math:`r = 20`), where Eq. 19 at a fixed :math:`\bar\lambda\eta = 1/2` spans 5 to thousands.
 
-    Example:
+    Examples:
         >>> round(gr_t_target(1.0), 1)    # B = mu: the paper's value
         23.0
         >>> round(gr_t_target(4.0), 1)    # B = mu / 4
         36.8
     """
-    if not (math.isfinite(mu_over_b) and mu_over_b >= 0):
-        raise ValueError(f"mu_over_b={mu_over_b!r} must be finite and >= 0")
+    mu_over_b = check_number("mu_over_b", mu_over_b, low=0)
     x = min(1.0 / (1.0 + mu_over_b), (1.0 + mu_over_b) / 2.0)
     return float(gr_t_expected(mu_over_b, x, beta))
 
@@ -179,7 +190,7 @@ class LRController:
     right way; the power keeps it proportional to how far off :math:`GR_T` is), never past
     ``[min_scale, max_scale]``, then waits ``cooldown`` optimizer steps.
 
-    Example:
+    Examples:
         >>> c = LRController()
         >>> c = LRController(step_factor=2.0)
         >>> c.decide(gr_t=80.0, scale=1.0, step=100).value   # GR_T 4x too high: learning rate / 2
@@ -199,23 +210,23 @@ class LRController:
     last_change: int = 0  # the first decision waits one cooldown: the EMAs need steps first
 
     def __post_init__(self) -> None:
-        if self.target != "auto" and not (isinstance(self.target, (int, float)) and self.target > 1):
-            raise ValueError(f"target={self.target!r} must be a number > 1 (GR_T >= 1 always) or 'auto'")
-        if not (0.0 < self.beta < 1.0):
-            raise ValueError(f"beta={self.beta!r} is out of range: expected 0 < beta < 1")
-        if not self.tolerance > 1:
-            raise ValueError(f"tolerance={self.tolerance!r} must be > 1")
-        if not self.step_factor > 1:
-            raise ValueError(f"step_factor={self.step_factor!r} must be > 1")
-        if not self.gain > 0:
-            raise ValueError(f"gain={self.gain!r} must be > 0")
-        if not (0 < self.min_scale <= 1 <= self.max_scale):
-            raise ValueError(f"min_scale={self.min_scale!r}, max_scale={self.max_scale!r}: need 0 < min_scale <= 1 <= max_scale")
-        if not (isinstance(self.cooldown, int) and self.cooldown >= 0):
-            raise ValueError(f"cooldown={self.cooldown!r} must be an int >= 0")
+        if self.target != "auto":
+            if not isinstance(self.target, (int, float, str)) or isinstance(self.target, bool):
+                fail("target", self.target, "a finite number > 1 (GR_T >= 1 always) or 'auto'", TypeError)
+            if isinstance(self.target, str):
+                fail("target", self.target, "a finite number > 1 (GR_T >= 1 always) or 'auto'")
+            self.target = check_number("target", self.target, low=1, low_open=True)
+        self.beta = check_number("beta", self.beta, low=0, low_open=True, high=1, high_open=True)
+        self.tolerance = check_number("tolerance", self.tolerance, low=1, low_open=True)
+        self.step_factor = check_number("step_factor", self.step_factor, low=1, low_open=True)
+        self.gain = check_number("gain", self.gain, low=0, low_open=True)
+        self.min_scale = check_number("min_scale", self.min_scale, low=0, low_open=True, high=1)
+        self.max_scale = check_number("max_scale", self.max_scale, low=1)
+        self.cooldown = check_int("cooldown", self.cooldown, low=0)
+        self.last_change = check_int("last_change", self.last_change, low=0)
 
     def decide(self, gr_t: float, scale: float, step: int, mu_over_b: float | None = None, age: int | None = None) -> Decision:
-        """The multiplier for the next steps, from the current :math:`GR_T` (and, for
+        r"""The multiplier for the next steps, from the current :math:`GR_T` (and, for
         ``target="auto"``, :math:`r = B_\text{simple}/B`).
 
         ``age``: how many steps :math:`GR_T`'s EMAs have seen. A young EMA reads low whatever the
@@ -223,7 +234,15 @@ class LRController:
         :math:`n_t`, the EMA's effective number of steps, about 9.2 after 10 steps), so the
         target is scaled by :math:`n_t / n_\infty` (:func:`~lightning_gradnoise.stats.ema_effective_steps`),
         the noise-dominated limit where :math:`GR_T` near its target lives. Without it, early
-        decisions raise the learning rate on a reading that says nothing about it."""
+        decisions raise the learning rate on a reading that says nothing about it. A NaN
+        ``gr_t`` means no estimate yet."""
+        gr_t = check_number("gr_t", gr_t, low=0, finite=False, nan_ok=True)
+        scale = check_number("scale", scale, low=0, low_open=True)
+        check_int("step", step, low=0)
+        if mu_over_b is not None:
+            check_number("mu_over_b", mu_over_b, low=0, finite=False, nan_ok=True)
+        if age is not None:
+            check_int("age", age, low=0)
         if not math.isfinite(gr_t) or gr_t <= 0:
             return Decision(scale, False, "no GR_T estimate yet")
         if step - self.last_change < self.cooldown:

@@ -24,7 +24,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_gradnoise._validate import check_int, check_number, fail
 from lightning_gradnoise.nqm._linear import SecondMoment
+from lightning_gradnoise.stats._checks import checked_tensor
 
 __all__ = ["NQM"]
 
@@ -45,7 +47,7 @@ class NQM:
         weight: how many dimensions each entry stands for (binning); default ones.
         theta0_var: :math:`\\mathbb{E}[\\theta_i(0)^2]`; default ones (:math:`\\theta(0) \\sim N(0, I)`).
 
-    Example:
+    Examples:
         >>> model = NQM.paper(d=1000, bins=50)
         >>> steps = model.steps_to_target(lr=0.5, batch=64, target=0.05)
         >>> bool(torch.isfinite(steps))
@@ -58,14 +60,15 @@ class NQM:
     theta0_var: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
-        self.h = _t(self.h).reshape(-1)
-        self.c = _t(self.c).reshape(-1)
-        if self.h.shape != self.c.shape:
-            raise ValueError(f"h and c must have the same length, got {self.h.numel()} and {self.c.numel()}")
-        if bool((self.h <= 0).any()) or bool((self.c < 0).any()):
-            raise ValueError("h must be positive and c non-negative")
-        self.weight = torch.ones_like(self.h) if self.weight is None else _t(self.weight).reshape(-1)
-        self.theta0_var = torch.ones_like(self.h) if self.theta0_var is None else _t(self.theta0_var).reshape(-1)
+        self.h = checked_tensor("h", self.h, low=0, low_open=True, min_numel=1).reshape(-1)
+        self.c = checked_tensor("c", self.c, low=0).reshape(-1)
+        n = self.h.numel()
+        for name, low_open in (("weight", True), ("theta0_var", False)):
+            value = getattr(self, name)
+            setattr(self, name, torch.ones_like(self.h) if value is None else checked_tensor(name, value, low=0, low_open=low_open).reshape(-1))
+        for name in ("c", "weight", "theta0_var"):
+            if getattr(self, name).numel() != n:
+                fail(name, getattr(self, name).tolist(), f"one value per entry of h ({n})")
 
     @classmethod
     def paper(cls, d: int = 10_000, bins: Optional[int] = 200) -> "NQM":
@@ -74,8 +77,9 @@ class NQM:
         ``bins`` groups the ``d`` eigenvalues into that many log-spaced bins, each represented
         by its dimensions' mean :math:`h` and weighted by their count (``None``: every dimension).
         """
-        if d < 1:
-            raise ValueError(f"d={d!r} must be >= 1")
+        d = check_int("d", d, low=1)
+        if bins is not None:
+            bins = check_int("bins", bins, low=1)
         h = 1.0 / torch.arange(1, d + 1, dtype=_F64)
         if bins is None or bins >= d:
             return cls(h=h, c=h.clone())
@@ -102,20 +106,23 @@ class NQM:
         ``precond`` the power :math:`p` of :math:`P = H^p`, ``ema`` the iterate averaging
         :math:`\gamma` (risk of the averaged iterate); momentum and EMA are not combined.
         """
-        lr, batch, steps = torch.broadcast_tensors(_t(lr), _t(batch), _t(steps))
+        t = checked_tensor("steps", steps, low=0, finite=False)
+        if bool(torch.isnan(t).any()):
+            fail("steps", steps, "numbers >= 0 (inf: the steady state)")
+        lr = checked_tensor("lr", lr, low=0, low_open=True)
+        batch = checked_tensor("batch", batch, low=0, low_open=True)
+        lr, batch, steps = torch.broadcast_tensors(lr, batch, t)
         return self.trajectory(lr, batch, momentum, precond, ema)(steps)
 
     def trajectory(self, lr, batch, momentum: float = 0.0, precond: float = 0.0, ema: float = 0.0):
         """``steps -> risk`` for fixed ``(lr, batch)``, with all step-independent work done once."""
-        if not (0.0 <= momentum < 1.0):
-            raise ValueError(f"momentum={momentum!r} is out of range: expected 0 <= momentum < 1")
-        if not (0.0 <= ema < 1.0):
-            raise ValueError(f"ema={ema!r} is out of range: expected 0 <= ema < 1")
+        momentum = check_number("momentum", momentum, low=0, high=1, high_open=True)
+        ema = check_number("ema", ema, low=0, high=1, high_open=True)
         if momentum and ema:
-            raise ValueError("momentum and ema together are not modelled: set one of them to 0")
-        if not (0.0 <= precond <= 1.0):
-            raise ValueError(f"precond={precond!r} is out of range: expected 0 <= p <= 1")
-        lr, batch = (_t(x)[..., None] for x in (lr, batch))
+            raise ValueError(f"momentum={momentum!r}, ema={ema!r}: together they are not modelled; set one of them to 0")
+        precond = check_number("precond", precond, low=0, high=1)
+        lr = checked_tensor("lr", lr, low=0, low_open=True)[..., None]
+        batch = checked_tensor("batch", batch, low=0, low_open=True)[..., None]
         step = lr * self.h ** (1.0 - precond)  # alpha h^(1-p)
         noise = lr**2 * self.c * self.h ** (-2.0 * precond) / batch  # variance of alpha P^-1 eps
         m0, scale = self.theta0_var, 0.5 * self.h * self.weight
@@ -162,7 +169,9 @@ class NQM:
 
         Found by doubling then bisection on integer steps (the risk of these models decreases
         towards its steady state when it starts above it, as from :math:`\theta(0) \sim N(0, I)`)."""
-        lr, batch = torch.broadcast_tensors(_t(lr), _t(batch))
+        check_number("target", target, low=0, low_open=True)
+        check_number("max_steps", max_steps, low=1)
+        lr, batch = torch.broadcast_tensors(checked_tensor("lr", lr, low=0, low_open=True), checked_tensor("batch", batch, low=0, low_open=True))
         risk = self.trajectory(lr, batch, **optimizer)
         powers = 2.0 ** torch.arange(0, int(math.log2(max_steps)) + 1, dtype=_F64)
         grid = powers.view(-1, *([1] * lr.dim())).expand(-1, *lr.shape)
@@ -195,7 +204,10 @@ class NQM:
         limit, all batch sizes at once (steps against the learning rate are unimodal: too small
         converges slowly, too large stalls at a steady-state risk above the target). Returns
         ``(steps, lr)``, each of the shape of ``batch``."""
-        batch = _t(batch).reshape(-1)
+        batch = checked_tensor("batch", batch, low=0, low_open=True).reshape(-1)
+        check_number("target", target, low=0, low_open=True)
+        check_number("decades", decades, low=0, low_open=True)
+        check_int("iters", iters, low=1)
         top = math.log(self.max_stable_lr(**optimizer) * (1 - 1e-9))
         lo = torch.full_like(batch, top - decades * math.log(10.0))
         hi = torch.full_like(batch, top)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_gradnoise._validate import check_bool, fail
+from lightning_gradnoise.optim._checks import check_params
 from lightning_gradnoise.optim._lamb_lars import LAMB, LARS
 from lightning_gradnoise.optim._vr import vr_optimizer_class
 
@@ -17,9 +19,19 @@ __all__ = ["OptimizerSpec", "REGISTRY", "create_optimizer", "list_optimizers", "
 
 @dataclass(frozen=True)
 class OptimizerSpec:
+    """One registered optimizer: its class, its default arguments and a line about it."""
+
     cls: type
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.cls, type) and issubclass(self.cls, Optimizer)):
+            fail("cls", self.cls, "a torch.optim.Optimizer subclass", TypeError)
+        if not isinstance(self.defaults, dict):
+            fail("defaults", self.defaults, "a dict of keyword arguments", TypeError)
+        if not isinstance(self.description, str):
+            fail("description", self.description, "a string", TypeError)
 
 
 VRSGD = vr_optimizer_class(torch.optim.SGD, "VRSGD", beta3_default=None)
@@ -59,14 +71,22 @@ def create_optimizer(name: str, model_or_params: Union[nn.Module, Iterable], no_
         no_decay_on_bias_and_norm: given a module and a weight decay, put biases and
             normalization weights (tensors of one dimension) in a group with no weight decay.
 
-    Example:
+    Examples:
         >>> opt = create_optimizer("vr_adam", torch.nn.Linear(4, 2), lr=3e-4)
         >>> type(opt).__name__, opt.defaults["lr"]
         ('VRAdam', 0.0003)
     """
+    if not isinstance(name, str):
+        fail("name", name, "an optimizer name, one of: " + ", ".join(REGISTRY), TypeError)
     key = name.lower().replace("-", "_")
     if key not in REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(REGISTRY)}")
+        fail("name", name, "an optimizer name, one of: " + ", ".join(REGISTRY))
+    check_bool("no_decay_on_bias_and_norm", no_decay_on_bias_and_norm)
+    if not isinstance(model_or_params, nn.Module):
+        try:
+            model_or_params = check_params(model_or_params)
+        except (TypeError, ValueError) as e:
+            raise type(e)(str(e).replace("params", "model_or_params", 1) + " or a module") from None
     spec = REGISTRY[key]
     options = {**spec.defaults, **kwargs}
     if isinstance(model_or_params, nn.Module):

@@ -6,6 +6,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
+
+from lightning_gradnoise._validate import check_number, check_numbers
+from lightning_gradnoise.optim._checks import check_lr, check_params
 from torch.optim import Optimizer
 
 __all__ = ["LAMB", "LARS", "call_closure"]
@@ -36,7 +39,7 @@ class LAMB(Optimizer):
     per parameter tensor, with :math:`\phi` the identity clipped to ``[0, trust_clip]`` when
     ``trust_clip`` is set, and the ratio taken as 1 when :math:`|w|` or :math:`|u|` is zero.
 
-    Example:
+    Examples:
         >>> w = torch.nn.Parameter(torch.ones(3))
         >>> opt = LAMB([w], lr=0.1)
         >>> w.grad = torch.tensor([1.0, -1.0, 0.0]); opt.step()
@@ -51,15 +54,14 @@ class LAMB(Optimizer):
         weight_decay: float = 0.0,
         trust_clip: Optional[float] = None,
     ) -> None:
-        if not lr >= 0:
-            raise ValueError(f"lr={lr!r} must be >= 0")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas={betas!r}: each must be in [0, 1)")
-        if not eps > 0:
-            raise ValueError(f"eps={eps!r} must be > 0")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, trust_clip=trust_clip))
+        params = check_params(params)
+        lr = check_lr(lr)
+        betas = tuple(check_numbers("betas", betas, length=2, low=0, high=1, high_open=True))
+        eps = check_number("eps", eps, low=0, low_open=True)
+        weight_decay = check_number("weight_decay", weight_decay, low=0)
+        if trust_clip is not None:
+            trust_clip = check_number("trust_clip", trust_clip, low=0, low_open=True)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_clip=trust_clip))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -110,7 +112,7 @@ class LARS(Optimizer):
     decay :math:`\beta`, momentum :math:`m`; the local rate is 1 where :math:`|w|` or
     :math:`|g|` is zero.
 
-    Example:
+    Examples:
         >>> w = torch.nn.Parameter(torch.ones(3))
         >>> opt = LARS([w], lr=1.0, momentum=0.9)
         >>> w.grad = torch.tensor([1.0, -1.0, 0.0]); opt.step()
@@ -125,14 +127,12 @@ class LARS(Optimizer):
         trust_coefficient: float = 0.001,
         eps: float = 0.0,
     ) -> None:
-        if not lr >= 0:
-            raise ValueError(f"lr={lr!r} must be >= 0")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum={momentum!r} must be in [0, 1)")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
-        if not trust_coefficient > 0:
-            raise ValueError(f"trust_coefficient={trust_coefficient!r} must be > 0")
+        params = check_params(params)
+        lr = check_lr(lr)
+        momentum = check_number("momentum", momentum, low=0, high=1, high_open=True)
+        weight_decay = check_number("weight_decay", weight_decay, low=0)
+        trust_coefficient = check_number("trust_coefficient", trust_coefficient, low=0, low_open=True)
+        eps = check_number("eps", eps, low=0)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps))
 
     @torch.no_grad()

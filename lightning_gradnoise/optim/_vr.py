@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gradnoise._validate import check_callable, check_number, check_optional, fail
+from lightning_gradnoise.optim._checks import check_lr, check_params
 from lightning_gradnoise.optim._lamb_lars import call_closure
 from lightning_gradnoise.stats import gsnr_scale_many
 
@@ -39,7 +41,7 @@ class GSNRScaling:
         gamma: lower clamp :math:`\gamma` in ``(0, 1]`` (0.1 in the paper).
         beta3: GSNR momentum in ``[0, 1)``, or ``None`` for none (VR-SGD).
 
-    Example:
+    Examples:
         >>> g = [torch.tensor([1.0, 0.1, 0.5])]; sq = [torch.tensor([2.5, 0.5, 0.5])]   # k = 2
         >>> GSNRScaling(gamma=0.1, beta3=None).apply(g, sq, k=2, state=[{}])
         >>> g[0]   # GSNR 4 and 0.04 (mean 2.02: factors 1 and 0.1); no noise on the third: 1
@@ -47,11 +49,8 @@ class GSNRScaling:
     """
 
     def __init__(self, gamma: float = 0.1, beta3: Optional[float] = 0.9) -> None:
-        if not (0.0 < gamma <= 1.0):
-            raise ValueError(f"gamma={gamma!r} is out of range: expected 0 < gamma <= 1")
-        if beta3 is not None and not (0.0 <= beta3 < 1.0):
-            raise ValueError(f"beta3={beta3!r} is out of range: expected 0 <= beta3 < 1, or None")
-        self.gamma, self.beta3 = float(gamma), beta3
+        self.gamma = check_number("gamma", gamma, low=0, low_open=True, high=1)
+        self.beta3 = check_optional(check_number, "beta3", beta3, low=0, high=1, high_open=True)
 
     def apply(self, grads: Sequence[Tensor], sq_sums: Sequence[Tensor], k: int, state: Sequence[dict]) -> None:
         """Scale ``grads`` in place (each tensor is one layer for the normalization)."""
@@ -82,13 +81,28 @@ _NO_SOURCE = (
 
 
 def vr_optimizer_class(base: type[Optimizer], name: str, beta3_default: Optional[float]) -> type[Optimizer]:
-    """A VR variant of ``base``: GSNR scaling of ``.grad`` (one transformation), then ``base.step``."""
+    """A VR variant of ``base``: GSNR scaling of ``.grad`` (one transformation), then ``base.step``.
+
+    Args:
+        base: a ``torch.optim.Optimizer`` subclass.
+        name: the new class's name.
+        beta3_default: the default GSNR momentum in ``[0, 1)``, or ``None`` for none (VR-SGD).
+    """
+    if not (isinstance(base, type) and issubclass(base, Optimizer)):
+        fail("base", base, "a torch.optim.Optimizer subclass", TypeError)
+    if not isinstance(name, str) or not name.isidentifier():
+        fail("name", name, "a class name (a Python identifier)", TypeError if not isinstance(name, str) else ValueError)
+    check_optional(check_number, "beta3_default", beta3_default, low=0, high=1, high_open=True)
 
     class VR(base):  # type: ignore[misc, valid-type]
         def __init__(self, params, *args: Any, gamma: float = 0.1, beta3: Optional[float] = beta3_default,
                      moment_source: Optional[MomentSource] = None, **kwargs: Any) -> None:
-            super().__init__(params, *args, **kwargs)
+            params = check_params(params)
+            if "lr" in kwargs or args:
+                check_lr(kwargs["lr"] if "lr" in kwargs else args[0])
+            check_optional(check_callable, "moment_source", moment_source)
             self.scaling = GSNRScaling(gamma, beta3)
+            super().__init__(params, *args, **kwargs)
             for group in self.param_groups:
                 group.setdefault("gamma", gamma)
                 group.setdefault("beta3", beta3)
@@ -118,9 +132,20 @@ def vr_optimizer_class(base: type[Optimizer], name: str, beta3_default: Optional
 
         def set_moments(self, sq_sums: Sequence[Tensor], k: int) -> None:
             r"""This step's :math:`\sum_j g_j^2` per parameter (:meth:`params_in_order`) and ``k``."""
-            if int(k) < 2:
-                raise ValueError(f"k={k!r}: GSNR needs at least 2 gradient groups. " + _NO_SOURCE.format(name=name))
-            self._moments = (list(sq_sums), int(k))
+            if isinstance(k, bool) or not isinstance(k, int):
+                fail("k", k, "a whole number >= 2 (gradient groups)", TypeError)
+            if k < 2:
+                raise ValueError(f"k={k!r} is invalid: GSNR needs at least 2 gradient groups. " + _NO_SOURCE.format(name=name))
+            if isinstance(sq_sums, (Tensor, str, bytes)) or not isinstance(sq_sums, Sequence):
+                fail("sq_sums", sq_sums, "a list of tensors, one per parameter", TypeError)
+            params = self.params_in_order()
+            if len(sq_sums) != len(params):
+                fail("sq_sums", f"<{len(sq_sums)} tensors>", f"one tensor per parameter ({len(params)}, in params_in_order())")
+            for i, (s, p) in enumerate(zip(sq_sums, params)):
+                if not isinstance(s, Tensor) or s.shape != p.shape:
+                    fail(f"sq_sums[{i}]", s if not isinstance(s, Tensor) else f"<tensor of shape {tuple(s.shape)}>",
+                         f"a tensor of the parameter's shape {tuple(p.shape)}", TypeError if not isinstance(s, Tensor) else ValueError)
+            self._moments = (list(sq_sums), k)
 
         @torch.no_grad()
         def step(self, closure: Optional[Callable[[], float]] = None):

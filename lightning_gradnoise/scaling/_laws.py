@@ -17,6 +17,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from lightning_gradnoise._validate import check_choice, check_number, fail
+from lightning_gradnoise.stats._checks import checked_tensor
+
 __all__ = [
     "RULES",
     "eps_opt_sgd",
@@ -36,30 +39,35 @@ def _t(x) -> Tensor:
     return torch.as_tensor(x, dtype=torch.float64)
 
 
+def _positive(name: str, x) -> Tensor:
+    return checked_tensor(name, x, low=0, low_open=True)
+
+
 def eps_opt_sgd(batch, b_noise, eps_max=1.0) -> Tensor:
     r""":math:`\epsilon_\max / (1 + B_\text{noise}/B)` (McCandlish Eq. 2.7): rises monotonically.
 
-    Example:
+    Examples:
         >>> float(eps_opt_sgd(100.0, 100.0, eps_max=0.2))
         0.1
     """
-    return _t(eps_max) / (1.0 + _t(b_noise) / _t(batch))
+    return _positive("eps_max", eps_max) / (1.0 + _positive("b_noise", b_noise) / _positive("batch", batch))
 
 
 def eps_opt_adam(batch, b_noise, eps_max=1.0) -> Tensor:
     r""":math:`\epsilon_\max / \big(\tfrac12(\sqrt{B_\text{noise}/B} + \sqrt{B/B_\text{noise}})\big)`
     (Surge Eq. 2): peaks at :math:`B = B_\text{noise}`, square-root scaling below it (Eq. 4).
 
-    Example:
+    Examples:
         >>> float(eps_opt_adam(100.0, 100.0, eps_max=0.2))
         0.2
     """
-    r = _t(b_noise) / _t(batch)
-    return _t(eps_max) / (0.5 * (r.sqrt() + r.rsqrt()))
+    r = _positive("b_noise", b_noise) / _positive("batch", batch)
+    return _positive("eps_max", eps_max) / (0.5 * (r.sqrt() + r.rsqrt()))
 
 
 def eps_opt(rule: str, batch, b_noise, eps_max=1.0) -> Tensor:
     """The optimal learning rate under ``rule`` (``"sgd"`` or ``"adam"``)."""
+    check_choice("rule", rule, RULES)
     if rule == "sgd":
         return eps_opt_sgd(batch, b_noise, eps_max)
     if rule == "adam":
@@ -71,11 +79,12 @@ def lr_scale_factor(rule: str, old_batch, new_batch, b_noise) -> Tensor:
     """Multiply the learning rate by this when the batch goes from ``old_batch`` to ``new_batch``
     at a fixed :math:`B_\\text{noise}`: :math:`\\epsilon_\\text{opt}(B_2)/\\epsilon_\\text{opt}(B_1)`.
 
-    Example:
+    Examples:
         >>> round(float(lr_scale_factor("adam", 16, 64, 1e6)), 3)   # B << B_noise: square root
         2.0
     """
-    return eps_opt(rule, new_batch, b_noise) / eps_opt(rule, old_batch, b_noise)
+    old, new = _positive("old_batch", old_batch), _positive("new_batch", new_batch)
+    return eps_opt(rule, new, b_noise) / eps_opt(rule, old, b_noise)
 
 
 @dataclass
@@ -86,6 +95,11 @@ class TradeoffFit:
     s_min: float
     e_min: float
     r2: float
+
+    def __post_init__(self) -> None:
+        for name in ("b_noise", "s_min", "e_min"):
+            setattr(self, name, check_number(name, getattr(self, name), low=0, low_open=True))
+        self.r2 = check_number("r2", self.r2, high=1)
 
     @property
     def b_crit(self) -> float:
@@ -108,17 +122,18 @@ def fit_b_noise(steps: Sequence[float], examples: Sequence[float]) -> TradeoffFi
         steps: steps each run needed to reach the target.
         examples: examples each run used (steps x batch size).
 
-    Example:
+    Examples:
         >>> b = torch.tensor([8.0, 32, 128, 512]); s = 1000 * (1 + 100 / b)
         >>> fit = fit_b_noise(s, s * b)
         >>> round(fit.b_noise), round(fit.s_min)
         (100, 1000)
     """
-    s, e = _t(steps).reshape(-1), _t(examples).reshape(-1)
-    if s.numel() != e.numel() or s.numel() < 2:
-        raise ValueError(f"need at least 2 runs with steps and examples each, got {s.numel()} and {e.numel()}")
-    if bool((s <= 0).any()) or bool((e <= 0).any()) or not bool(torch.isfinite(s).all() & torch.isfinite(e).all()):
-        raise ValueError("steps and examples must be positive and finite")
+    s = _positive("steps", steps).reshape(-1)
+    e = _positive("examples", examples).reshape(-1)
+    if s.numel() < 2:
+        fail("steps", steps, "at least 2 runs")
+    if e.numel() != s.numel():
+        fail("examples", examples, f"one value per run, as many as steps ({s.numel()})")
     x, y = 1.0 / e, 1.0 / s
     xm, ym = x.mean(), y.mean()
     slope = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
@@ -140,11 +155,17 @@ def fit_eps_max(rule: str, lrs: Sequence[float], batches: Sequence[float], b_noi
     :math:`\epsilon_\text{opt} \cdot \tfrac12(\sqrt{B_\text{noise}/B} + \sqrt{B/B_\text{noise}})`
     (Adam, Surge Eq. 23) or :math:`\epsilon_\text{opt}(1 + B_\text{noise}/B)` (SGD, Eq. 24 with
     :math:`\alpha = 1`)."""
-    lrs_t, b = _t(lrs), _t(batches)
+    check_choice("rule", rule, RULES)
+    lrs_t, b = _positive("lrs", lrs).reshape(-1), _positive("batches", batches).reshape(-1)
+    if lrs_t.numel() != b.numel() or b.numel() == 0:
+        raise ValueError(f"lrs={lrs!r}, batches={batches!r} are invalid: expected one learning rate per batch size, at least one")
     return float((lrs_t / eps_opt(rule, b, b_noise)).mean())
 
 
 def steps_for_examples(examples, s_min: float, e_min: float) -> Tensor:
-    """Steps on the trade-off curve :math:`(S/S_\\min - 1)(E/E_\\min - 1) = 1` (Eq. 2.11)."""
-    e = _t(examples)
+    """Steps on the trade-off curve :math:`(S/S_\\min - 1)(E/E_\\min - 1) = 1` (Eq. 2.11), for
+    ``examples`` above ``e_min`` (no run reaches the target with fewer)."""
+    s_min = check_number("s_min", s_min, low=0, low_open=True)
+    e_min = check_number("e_min", e_min, low=0, low_open=True)
+    e = checked_tensor("examples", examples, low=e_min, low_open=True)
     return s_min * (1.0 + 1.0 / (e / e_min - 1.0))

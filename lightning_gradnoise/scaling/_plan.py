@@ -29,7 +29,7 @@ def plan_batch_sizes(
             in units of :math:`S_\min`.
         seconds_per_step: ``batch -> seconds``; adds a ``time`` column.
 
-    Example:
+    Examples:
         >>> [row["steps"] for row in plan_batch_sizes(100.0, [50, 100, 400])]
         [3.0, 2.0, 1.25]
     """

@@ -24,18 +24,19 @@ def check_band(band: Sequence[float], name: str = "band") -> tuple[float, float]
 
 
 def batch_range_for_gr_s(b_simple: float, band: Sequence[float] = GR_S_BAND) -> tuple[float, float]:
-    r"""The global batch sizes whose :math:`GR_S` lies in ``band`` (Lemma 2 inverted).
+    r"""The global batch sizes whose :math:`GR_S` lies in ``band`` (Lemma 2 inverted), for a
+    measured :math:`B_\text{simple} > 0` (at 0 there is no noise to size a batch by).
 
     .. math:: B = \frac{1 + \mu}{GR_S} - \mu
 
     Returns ``(B_low, B_high)``: ``B_low`` gives the band's upper end, ``B_high`` its lower end
     (:math:`GR_S` falls as :math:`B` grows, Theorem 2).
 
-    Example:
+    Examples:
         >>> lo, hi = batch_range_for_gr_s(1000.0)
         >>> round(lo), round(hi)
         (540, 1002)
     """
-    mu = check_number("b_simple", b_simple, low=0)
+    mu = check_number("b_simple", b_simple, low=0, low_open=True)
     low, high = check_band(band)
     return (1.0 + mu) / high - mu, (1.0 + mu) / low - mu

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gradnoise._validate import check_number
+
 __all__ = ["BiasCorrectedEMA"]
 
 
@@ -23,7 +25,7 @@ class BiasCorrectedEMA:
     Args:
         decay: :math:`\beta` in ``[0, 1)``. ``0`` keeps only the last value.
 
-    Example:
+    Examples:
         >>> ema = BiasCorrectedEMA(0.9)
         >>> ema.update(torch.tensor(2.0))
         True
@@ -32,9 +34,7 @@ class BiasCorrectedEMA:
     """
 
     def __init__(self, decay: float) -> None:
-        if not (0.0 <= float(decay) < 1.0):
-            raise ValueError(f"decay={decay!r} is out of range: expected 0 <= decay < 1")
-        self.decay = float(decay)
+        self.decay = check_number("decay", decay, low=0, high=1, high_open=True)
         self.count = 0
         self.rejected = 0
         self._sum: Tensor | None = None

@@ -13,12 +13,42 @@ paper. Elements with :math:`\sigma^2 = 0` carry no measurable noise: their GSNR 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from lightning_gradnoise._validate import check_number, fail
+
 __all__ = ["gsnr_variance", "gsnr", "gsnr_layer_stats", "gsnr_scale", "gsnr_scale_many"]
+
+_K_TEXT = "a whole number >= 2: GSNR needs at least 2 gradient groups (devices x accumulation micro-batches)"
+
+
+def _tensor(name: str, x: Any, like: Tensor | None = None, like_name: str = "") -> Tensor:
+    # type and shape only: these run on parameter-sized tensors every step, where a check of the
+    # values would cost a pass over them and a device sync
+    if not isinstance(x, Tensor):
+        fail(name, x, "a tensor", TypeError)
+    if like is not None and x.shape != like.shape:
+        fail(name, f"<tensor of shape {tuple(x.shape)}>", f"the shape of {like_name}, {tuple(like.shape)}")
+    return x
+
+
+def _groups(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        fail("k", k, _K_TEXT, TypeError if not isinstance(k, int) or isinstance(k, bool) else ValueError)
+    return k
+
+
+def _gamma(gamma: Any) -> float:
+    return check_number("gamma", gamma, low=0, low_open=True, high=1)
+
+
+def _tensor_list(name: str, xs: Any) -> list[Tensor]:
+    if isinstance(xs, (Tensor, str, bytes)) or not isinstance(xs, Sequence):
+        fail(name, xs, "a list of tensors", TypeError)
+    return [_tensor(f"{name}[{i}]", x) for i, x in enumerate(xs)]
 
 
 def gsnr_variance(sq_sum: Tensor, mean_grad: Tensor, k: int) -> Tensor:
@@ -29,13 +59,16 @@ def gsnr_variance(sq_sum: Tensor, mean_grad: Tensor, k: int) -> Tensor:
         mean_grad: :math:`g`, the mean of the group gradients.
         k: number of groups, at least 2.
     """
-    if k < 2:
-        raise ValueError(f"k={k!r}: GSNR needs at least 2 groups (devices x accumulation micro-batches)")
+    _groups(k)
+    _tensor("mean_grad", mean_grad)
+    _tensor("sq_sum", sq_sum, mean_grad, "mean_grad")
     return (sq_sum / k - mean_grad.square()).clamp_min_(0.0)
 
 
 def gsnr(mean_grad: Tensor, variance: Tensor) -> Tensor:
     r"""Elementwise :math:`r = g^2/\sigma^2`; NaN where :math:`\sigma^2 = 0`."""
+    _tensor("mean_grad", mean_grad)
+    _tensor("variance", variance, mean_grad, "mean_grad")
     valid = variance > 0
     safe = torch.where(valid, variance, torch.ones_like(variance))
     return torch.where(valid, mean_grad.square() / safe, torch.full_like(variance, float("nan")))
@@ -46,6 +79,8 @@ def gsnr_layer_stats(ratios: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
     The layer mean is ``sum / count``; the whole-model mean is ``sum.sum() / count.sum()``.
     """
+    if not _tensor_list("ratios", ratios):
+        fail("ratios", ratios, "at least one tensor")
     sums = torch.stack([torch.nansum(r, dtype=torch.float64) for r in ratios])
     counts = torch.stack([(~torch.isnan(r)).sum().to(torch.float64) for r in ratios])
     return sums, counts
@@ -58,12 +93,12 @@ def gsnr_scale(ratio: Tensor, gamma: float = 0.1) -> Tensor:
 
     Undefined ratios (no noise) get factor 1; a layer with no defined ratio gets all ones.
 
-    Example:
+    Examples:
         >>> gsnr_scale(torch.tensor([1.0, 3.0]), gamma=0.1)   # mean 2: [0.5, 1.5] -> clamp
         tensor([0.5000, 1.0000])
     """
-    if not (0.0 < gamma <= 1.0):
-        raise ValueError(f"gamma={gamma!r} is out of range: expected 0 < gamma <= 1")
+    _gamma(gamma)
+    _tensor("ratio", ratio)
     defined = ~torch.isnan(ratio)
     count = defined.sum()
     mean = torch.where(defined, ratio, torch.zeros_like(ratio)).sum() / count.clamp_min(1)
@@ -77,14 +112,17 @@ def gsnr_scale_many(grads: Sequence[Tensor], sq_sums: Sequence[Tensor], k: int, 
     tensor. Same definition: elements without noise get factor 1, a layer's mean is over its
     defined ratios.
 
-    Example:
+    Examples:
         >>> gsnr_scale_many([torch.tensor([1.0, 0.1, 0.5])], [torch.tensor([2.5, 0.5, 0.5])], k=2)[0]
         tensor([1.0000, 0.1000, 1.0000])
     """
-    if k < 2:
-        raise ValueError(f"k={k!r}: GSNR needs at least 2 groups (devices x accumulation micro-batches)")
-    if not (0.0 < gamma <= 1.0):
-        raise ValueError(f"gamma={gamma!r} is out of range: expected 0 < gamma <= 1")
+    _groups(k)
+    _gamma(gamma)
+    grads, sq_sums = _tensor_list("grads", grads), _tensor_list("sq_sums", sq_sums)
+    if len(sq_sums) != len(grads) or not grads:
+        fail("sq_sums", f"<{len(sq_sums)} tensors>", f"one tensor per gradient ({len(grads)}), at least one")
+    for i, (g, s2) in enumerate(zip(grads, sq_sums)):
+        _tensor(f"sq_sums[{i}]", s2, g, f"grads[{i}]")
     sizes = [g.numel() for g in grads]
     dtype = sq_sums[0].dtype
     g = torch.cat([x.reshape(-1) for x in grads]).to(dtype)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
+from lightning_gradnoise._validate import check_array, check_int, check_number
 from lightning_gradnoise.stats._ema import BiasCorrectedEMA
 
 __all__ = ["NoiseScaleStats", "noise_scale_update", "noise_scale_update_from_sums",
@@ -56,25 +57,27 @@ def noise_scale_update(group_sq_norms: Tensor, mean_sq_norm: Tensor, group_sizes
         The two estimates, in float64. Either may come out negative on one step; only their
         averages over many steps are meaningful.
 
-    Example:
+    Examples:
         >>> s = noise_scale_update(torch.tensor([5.0, 3.0]), torch.tensor(2.0), group_sizes=8)
         >>> float(s.trace_cov), float(s.grad_sq)   # S_small=4, S_big=2, b=8, B=16
         (32.0, 0.0)
     """
-    group_sq_norms = torch.as_tensor(group_sq_norms, dtype=torch.float64)
-    mean_sq_norm = torch.as_tensor(mean_sq_norm, dtype=torch.float64)
+    group_sq_norms = torch.as_tensor(check_array("group_sq_norms", group_sq_norms, low=0, finite=False), dtype=torch.float64)
+    mean_sq_norm = torch.as_tensor(check_array("mean_sq_norm", mean_sq_norm, low=0, finite=False), dtype=torch.float64)
     if group_sq_norms.dim() == 0 or group_sq_norms.shape[0] < 2:
         raise ValueError(
             f"group_sq_norms has shape {tuple(group_sq_norms.shape)}: at least 2 groups are needed "
             "(set accumulate_grad_batches >= 2 or train on 2+ devices)"
         )
     k = group_sq_norms.shape[0]
+    if isinstance(group_sizes, (str, bytes)) or group_sizes is None:
+        raise TypeError(f"group_sizes={group_sizes!r} is invalid: expected an int or one int per group")
     sizes = torch.as_tensor(group_sizes, dtype=torch.float64).reshape(-1)
     if sizes.numel() == 1:
         sizes = sizes.expand(k)
     if sizes.numel() != k:
         raise ValueError(f"group_sizes has {sizes.numel()} entries but there are {k} groups")
-    if bool((sizes <= 0).any()):
+    if not bool(torch.isfinite(sizes).all()) or bool((sizes <= 0).any()):
         raise ValueError(f"group_sizes={sizes.tolist()} is invalid: every group size must be positive")
     return noise_scale_update_from_sums(group_sq_norms.sum(0), mean_sq_norm, k, float((1.0 / sizes).sum()))
 
@@ -97,18 +100,19 @@ def noise_scale_update_from_sums(
             By default :math:`\sum_j (1/b_j)/k^2`, right when :math:`g` weights the groups equally;
             pass :math:`1/\sum_j b_j` when :math:`g` is the sample-weighted mean (a summed loss).
     """
-    k = int(num_groups)
-    if k < 2:
+    if check_int("num_groups", num_groups) < 2:
         raise ValueError(
-            f"num_groups={k}: at least 2 groups are needed "
+            f"num_groups={num_groups!r} is invalid: at least 2 groups are needed "
             "(set accumulate_grad_batches >= 2 or train on 2+ devices)"
         )
-    if not inv_size_sum > 0:
-        raise ValueError(f"inv_size_sum={inv_size_sum!r} must be positive (group sizes must be positive)")
+    k = int(num_groups)
+    inv_size_sum = check_number("inv_size_sum", inv_size_sum, low=0, low_open=True)
+    check_array("sq_norm_sum", sq_norm_sum, low=0, finite=False)
+    check_array("mean_sq_norm", mean_sq_norm, low=0, finite=False)
     a = inv_size_sum / k
-    c = inv_size_sum / k**2 if big_coef is None else float(big_coef)
+    c = inv_size_sum / k**2 if big_coef is None else check_number("big_coef", big_coef, low=0)
     if not a > c:
-        raise ValueError(f"big_coef={c!r} must be smaller than the mean inverse group size {a!r}")
+        raise ValueError(f"big_coef={c!r} is invalid: expected it below the mean inverse group size {a!r}")
     s_small = torch.as_tensor(sq_norm_sum, dtype=torch.float64) / k
     return noise_scale_from_moments(s_small, mean_sq_norm, a, c)
 
@@ -121,8 +125,14 @@ def noise_scale_from_moments(s_small: Tensor, s_big: Tensor, a: Tensor | float, 
         \mathrm{tr}\,\Sigma = \frac{S_\text{small} - S_\text{big}}{a - c}, \qquad
         |G|^2 = \frac{a S_\text{big} - c S_\text{small}}{a - c}
 
-    All arguments broadcast, so many steps (rows) are solved at once.
+    All arguments broadcast, so many steps (rows) are solved at once. Needs :math:`a > c \ge 0`.
     """
+    check_array("s_small", s_small, low=0, finite=False)
+    check_array("s_big", s_big, low=0, finite=False)
+    check_array("a", a, low=0, low_open=True)
+    check_array("c", c, low=0)
+    if not isinstance(a, Tensor) and not isinstance(c, Tensor) and not float(c) < float(a):
+        raise ValueError(f"c={c!r} is invalid: expected c < a ({a!r}); a is the weight of tr(Sigma) in E[S_small], c in E[S_big]")
     s_small = torch.as_tensor(s_small, dtype=torch.float64)
     s_big = torch.as_tensor(s_big, dtype=torch.float64)
     a = torch.as_tensor(a, dtype=torch.float64, device=s_small.device)
@@ -136,6 +146,8 @@ def noise_scale_compute(grad_sq: Tensor, trace_cov: Tensor) -> Tensor:
     Pass *smoothed* numerator and denominator; the ratio of averages is the estimator, an
     average of per-step ratios is badly biased.
     """
+    check_array("grad_sq", grad_sq, finite=False)
+    check_array("trace_cov", trace_cov, finite=False)
     return torch.as_tensor(trace_cov, dtype=torch.float64) / torch.as_tensor(grad_sq, dtype=torch.float64)
 
 
@@ -149,7 +161,7 @@ class GradientNoiseScale:
     Args:
         decay: EMA decay in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> gns = GradientNoiseScale(decay=0.9)
         >>> gns.update(torch.tensor([5.0, 3.0]), torch.tensor(2.0), group_sizes=8)
         True

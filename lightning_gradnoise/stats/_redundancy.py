@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from lightning_gradnoise._validate import check_array, check_int, check_number
+
 __all__ = [
     "gr_s",
     "gr_s_groups",
@@ -28,12 +30,12 @@ def gr_s(b_simple: Tensor | float, batch_size: Tensor | float) -> Tensor:
 
     .. math:: GR_S = \frac{1 + \mu}{B + \mu}, \qquad \mu = B_\text{simple}
 
-    Example:
+    Examples:
         >>> float(gr_s(100.0, 100.0))   # B = mu gives about 0.5
         0.505
     """
-    mu = torch.as_tensor(b_simple, dtype=torch.float64)
-    return (1.0 + mu) / (torch.as_tensor(batch_size, dtype=torch.float64) + mu)
+    mu = torch.as_tensor(check_array("b_simple", b_simple, low=0), dtype=torch.float64)
+    return (1.0 + mu) / (torch.as_tensor(check_array("batch_size", batch_size, low=0, low_open=True), dtype=torch.float64) + mu)
 
 
 def gr_s_groups(group_sq_norms: Tensor, mean_sq_norm: Tensor) -> Tensor:
@@ -41,6 +43,13 @@ def gr_s_groups(group_sq_norms: Tensor, mean_sq_norm: Tensor) -> Tensor:
 
     .. math:: \xi_k = \frac{\sum_j |g_j|^2}{|\sum_j g_j|^2} = \frac{S_\text{small}}{k\,S_\text{big}}
     """
+    check_array("group_sq_norms", group_sq_norms, low=0, finite=False)
+    check_array("mean_sq_norm", mean_sq_norm, low=0, finite=False)
+    if len(group_sq_norms.shape) == 0 or group_sq_norms.shape[0] < 2:
+        raise ValueError(f"group_sq_norms of shape {tuple(group_sq_norms.shape)} is invalid: expected [k, ...] with k >= 2 groups")
+    if tuple(mean_sq_norm.shape) != tuple(group_sq_norms.shape[1:]):
+        raise ValueError(f"mean_sq_norm of shape {tuple(mean_sq_norm.shape)} is invalid: expected {tuple(group_sq_norms.shape[1:])}, "
+                         "the shape of group_sq_norms without its first (group) dimension")
     group_sq_norms = torch.as_tensor(group_sq_norms, dtype=torch.float64)
     k = group_sq_norms.shape[0]
     return group_sq_norms.mean(0) / (k * torch.as_tensor(mean_sq_norm, dtype=torch.float64))
@@ -50,8 +59,13 @@ def mu_from_gr_s_groups(xi: Tensor | float, k: int, group_size: float) -> Tensor
     r""":math:`\mu` from :math:`\xi_k` by inverting Eq. 33 (GR-Gauge App. D, Eq. 34).
 
     .. math:: \mu = b\left(\frac{k - 1}{1 - \xi_k} - k\right)
+
+    Needs :math:`0 < \xi_k < 1`, ``k >= 2`` and ``group_size > 0``.
     """
-    xi = torch.as_tensor(xi, dtype=torch.float64)
+    if check_int("k", k) < 2:
+        raise ValueError(f"k={k!r} is invalid: expected a whole number >= 2 (groups)")
+    group_size = check_number("group_size", group_size, low=0, low_open=True)
+    xi = torch.as_tensor(check_array("xi", xi, low=0, low_open=True, high=1, high_open=True), dtype=torch.float64)
     return group_size * ((k - 1) / (1.0 - xi) - k)
 
 
@@ -59,10 +73,14 @@ def divided_power(a: Tensor, b: Tensor, p: Tensor | float, tol: float = 1e-7) ->
     r""":math:`(a^p - b^p)/(a - b)`, continued by :math:`p\,m^{p-1}` (:math:`m = (a+b)/2`) where
     :math:`|a - b| <` ``tol``, which is exact to second order and removes the 0/0.
 
-    Example:
+    Examples:
         >>> float(divided_power(torch.tensor(0.5), torch.tensor(0.5), 3.0))   # 3 * 0.5**2
         0.75
     """
+    check_array("a", a)
+    check_array("b", b)
+    check_array("p", p)
+    check_number("tol", tol, low=0, low_open=True)
     diff = a - b
     close = diff.abs() < tol
     safe = torch.where(close, torch.ones_like(diff), diff)
@@ -87,14 +105,13 @@ def gr_t_expected(mu_over_b: Tensor | float, lr_lambda: Tensor | float, beta: fl
     defined for :math:`0 \le x \le 1` and :math:`q \ge 0`; outside that it is NaN. At
     :math:`x \to 0` it tends to :math:`(1+r)/(1-\beta^T)`.
 
-    Example:
+    Examples:
         >>> round(float(gr_t_expected(1.0, 0.5)), 1)   # B = mu, eta = 1/(2 lambda): about 20
         23.0
     """
-    if not (0.0 < beta < 1.0):
-        raise ValueError(f"beta={beta!r} is out of range: expected 0 < beta < 1")
-    r = torch.as_tensor(mu_over_b, dtype=torch.float64)
-    x = torch.as_tensor(lr_lambda, dtype=torch.float64)
+    beta = check_number("beta", beta, low=0, low_open=True, high=1, high_open=True)
+    r = torch.as_tensor(check_array("mu_over_b", mu_over_b, low=0), dtype=torch.float64)
+    x = torch.as_tensor(check_array("lr_lambda", lr_lambda, low=0), dtype=torch.float64)
     r, x = torch.broadcast_tensors(r, x)
     t = 1.0 / (1.0 - beta)
     bt = torch.full_like(x, beta)
@@ -115,16 +132,14 @@ def ema_effective_steps(beta: float, steps: int | None = None) -> float:
 
     (``steps=None``: the limit, 19 at :math:`\beta = 0.9`).
 
-    Example:
+    Examples:
         >>> ema_effective_steps(0.9, 1), round(ema_effective_steps(0.9, 10), 2), round(ema_effective_steps(0.9), 2)
         (1.0, 9.18, 19.0)
     """
-    if not (0.0 < beta < 1.0):
-        raise ValueError(f"beta={beta!r} is out of range: expected 0 < beta < 1")
+    beta = check_number("beta", beta, low=0, low_open=True, high=1, high_open=True)
     if steps is None:
         return (1.0 + beta) / (1.0 - beta)
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps={steps!r} is invalid: expected an int >= 1 or None")
+    steps = check_int("steps", steps, low=1)
     return (1.0 - beta**steps) ** 2 * (1.0 + beta) / ((1.0 - beta) * (1.0 - beta ** (2 * steps)))
 
 
@@ -141,11 +156,11 @@ def gr_t_frozen(mu_over_b: Tensor | float, beta: float = 0.9, steps: int | None 
     A young EMA reads low whatever the learning rate: with pure noise (:math:`r \to \infty`)
     :math:`GR_T \to n_t`, about 9.2 after 10 steps at :math:`\beta = 0.9`, against a target of 20.
 
-    Example:
+    Examples:
         >>> round(float(gr_t_frozen(1e9)), 2), round(float(gr_t_frozen(1e9, steps=10)), 2)
         (19.0, 9.18)
     """
-    r = torch.as_tensor(mu_over_b, dtype=torch.float64)
+    r = torch.as_tensor(check_array("mu_over_b", mu_over_b, low=0), dtype=torch.float64)
     return (1.0 + r) / (1.0 + r / ema_effective_steps(beta, steps))
 
 
@@ -163,7 +178,7 @@ class TemporalRedundancy:
     Args:
         beta: EMA factor, 0.9 in the paper.
 
-    Example:
+    Examples:
         >>> grt = TemporalRedundancy(beta=0.9)
         >>> grt.update([torch.ones(3)])
         True
@@ -172,9 +187,7 @@ class TemporalRedundancy:
     """
 
     def __init__(self, beta: float = 0.9) -> None:
-        if not (0.0 < beta < 1.0):
-            raise ValueError(f"beta={beta!r} is out of range: expected 0 < beta < 1")
-        self.beta = float(beta)
+        self.beta = check_number("beta", beta, low=0, low_open=True, high=1, high_open=True)
         self.count = 0
         self.rejected = 0
         self.m: list[Tensor] = []

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 from types import ModuleType
 from typing import Any
 
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from lightning_gradnoise._validate import check_choice
 from lightning_gradnoise.callbacks._compat import NAMESPACES, gradient_as_bucket_view
 from lightning_gradnoise.callbacks._monitor import MisconfigurationError
 from lightning_gradnoise.capture import GradNoiseCommState, destroy_process_group, gradnoise_comm_hook
@@ -55,7 +57,7 @@ _DOC = r"""Lightning's ``DDPStrategy`` that measures every device's gradient mom
     Registered as ``"gnddp"``, ``"gnddp_spawn"``, ``"gnddp_fork"``, ``"gnddp_notebook"`` and their
     ``_find_unused_parameters_{true,false}`` variants in both Lightning namespaces.
 
-    Example:
+    Examples:
         >>> import lightning_gradnoise  # registers "gnddp"
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(accelerator="cpu", devices=2, strategy="gnddp",
@@ -73,6 +75,13 @@ def _destroy_at_exit() -> None:
     atexit.register(destroy_process_group)
 
 
+def _known_arguments(base: type) -> set[str]:
+    """What ``DDPStrategy(**kwargs)`` accepts: its own arguments and, passed on, DDP's."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return set(inspect.signature(base.__init__).parameters) | set(inspect.signature(DistributedDataParallel.__init__).parameters)
+
+
 def _make(ns: ModuleType) -> type:
     base = ns.strategies.DDPStrategy
 
@@ -80,8 +89,11 @@ def _make(ns: ModuleType) -> type:
         __doc__ = _DOC
 
         def __init__(self, *args: Any, moments_hook: str = "auto", **kwargs: Any) -> None:
-            if moments_hook not in _HOOK_CHOICES:
-                raise ValueError(f"moments_hook={moments_hook!r} is invalid: expected one of {_HOOK_CHOICES}")
+            check_choice("moments_hook", moments_hook, _HOOK_CHOICES)
+            unknown = sorted(set(kwargs) - _known_arguments(base))
+            if unknown:
+                raise TypeError(f"{unknown[0]}={kwargs[unknown[0]]!r} is invalid: expected an argument of Lightning's "
+                                "DDPStrategy or of torch's DistributedDataParallel")
             super().__init__(*args, **kwargs)
             self.moments_hook = moments_hook
             self.gradnoise = GradNoiseCommState()
