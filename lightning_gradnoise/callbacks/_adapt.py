@@ -193,7 +193,8 @@ class BatchSizeAdapter(CallbackBase):
             controller = self._ensure_controller(trainer, self.monitor._micro_size or 1)
             batch = controller.unit * k
             # GR_S at the configured batch: the measured step may have been an epoch's short last window
-            decision = controller.decide_from_noise_scale(latest.get("b_simple"), batch, trainer.global_step)
+            interval = (latest["b_simple_lo"], latest["b_simple_hi"]) if "b_simple_lo" in latest else None
+            decision = controller.decide_from_noise_scale(latest.get("b_simple"), batch, trainer.global_step, interval)
             # every rank holds the same all-reduced values; rank 0's word settles it regardless
             new_batch, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
             if changed:

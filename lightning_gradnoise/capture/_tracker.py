@@ -85,6 +85,15 @@ def _loaded_entry(state: dict[str, Any], device: torch.device) -> _Pending:
     return _Pending(**{**moved, "scales": tuple(state["scales"])})
 
 
+def _gr_s_reading(reading: dict[str, Tensor], batch: float) -> dict[str, Tensor]:
+    """GR_S with its interval from B_simple's (GR_S = (1 + B_simple)/(B + B_simple) rises with
+    B_simple at any batch B > 1), NaN wherever B_simple is not determined."""
+    if not batch > 0:  # no samples in the step: nothing to compare against
+        nan = torch.full_like(reading["b_simple"], math.nan)
+        return {"gr_s": nan, "gr_s_lo": nan.clone(), "gr_s_hi": nan.clone()}
+    return {f"gr_s{end}": gr_s(reading[f"b_simple{end}"], batch) for end in ("", "_lo", "_hi")}
+
+
 def needs_groups(statistics: str | Iterable[str]) -> bool:
     """Whether a selection needs at least two gradient groups per step (all but ``gr_t`` do)."""
     return bool(parse_statistics(statistics) & {"b_simple", "gr_s", "gsnr"})
@@ -126,6 +135,8 @@ class GradNoiseTracker:
         gr_t_beta: :math:`\beta` of :math:`GR_T`'s EMAs (0.9 in GR-Gauge).
         mode: how the collector sees each group's gradient (:class:`GradientMomentCollector`):
             ``"hooks"`` (anywhere, DDP included) or ``"swap"`` (cheaper; not under DDP).
+        level: the two-sided level of the intervals in the summaries (``b_simple_lo`` and
+            ``b_simple_hi``, ...), 0.9 by default.
 
     Examples:
         >>> model = torch.nn.Linear(4, 1)
@@ -137,9 +148,9 @@ class GradNoiseTracker:
         ...         tracker.begin_group(scale=2.0, size=16)
         ...         (model(xb).square().mean() / 2).backward()
         ...         tracker.end_group()
-        ...     summary = tracker.finish_step(summarize=True)
-        >>> sorted(summary)[:3]
-        ['b_simple', 'batch_size', 'gr_s']
+        ...     summary = tracker.finish_step(loss_divisor=2.0, summarize=True)   # the loss was divided by 2
+        >>> [key for key in ("b_simple", "b_simple_lo", "b_simple_hi", "gr_s", "gr_s_lo", "gr_s_hi") if key in summary]
+        ['b_simple', 'b_simple_lo', 'b_simple_hi', 'gr_s', 'gr_s_lo', 'gr_s_hi']
     """
 
     def __init__(
@@ -149,8 +160,10 @@ class GradNoiseTracker:
         ema_decay: float = 0.95,
         gr_t_beta: float = 0.9,
         mode: str = "hooks",
+        level: float = 0.9,
     ) -> None:
         self.statistics = parse_statistics(statistics)
+        self.level = check_number("level", level, low=0, low_open=True, high=1, high_open=True)
         ema_decay = check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
         gr_t_beta = check_number("gr_t_beta", gr_t_beta, low=0, low_open=True, high=1, high_open=True)
         self.collector = GradientMomentCollector(params, mode=mode)
@@ -375,8 +388,7 @@ class GradNoiseTracker:
         if "b_simple" in self.statistics:
             usable = finite & (k >= 2) & torch.isfinite(a) & torch.isfinite(c)
             est = noise_scale_from_moments(sums[usable] / k[usable, None], big[usable], a[usable, None], c[usable, None])
-            self.noise_scale.grad_sq.update_many(est.grad_sq)
-            self.noise_scale.trace_cov.update_many(est.trace_cov)
+            self.noise_scale.update_many(est.grad_sq, est.trace_cov)
 
     def _gsnr(self, grads: Sequence[Tensor], k: int, sq_sum: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         self.last_elementwise = (list(sq_sum), k)
@@ -388,14 +400,14 @@ class GradNoiseTracker:
         out: dict[str, float] = {"batch_size": batch, "skipped_steps": float(self.skipped_steps)}
         layers: dict[str, Tensor] = {}
         if "b_simple" in self.statistics and self.noise_scale.grad_sq.count:
-            g2, tr = self.noise_scale.grad_sq.compute(), self.noise_scale.trace_cov.compute()
-            b_simple = tr.sum() / g2.sum()
-            out.update(b_simple=float(b_simple), grad_sq=float(g2.sum()), trace_cov=float(tr.sum()))
-            layers.update(b_simple=tr / g2, grad_sq=g2, trace_cov=tr)
-            if "gr_s" in self.statistics:
-                # GR_S = (1 + B_simple)/(B + B_simple) lies in (0, 1] only for B_simple >= 0
-                resolved = bool(torch.isfinite(b_simple)) and float(b_simple) >= 0 and batch > 0
-                out["gr_s"] = float(gr_s(b_simple, batch)) if resolved else math.nan
+            for scope, values in (("total", self.noise_scale.reading(self.level)),
+                                  ("layer", self.noise_scale.reading(self.level, total=False) if per_layer else {})):
+                if "gr_s" in self.statistics and values:
+                    values.update(_gr_s_reading(values, batch))
+                if scope == "total":
+                    out.update({key: float(value) for key, value in values.items()})
+                else:
+                    layers.update(values)
         if "gr_t" in self.statistics and self.temporal.count:
             v1, m2 = self.temporal.components()
             out["gr_t"] = float(v1.sum() / m2.sum())

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_gradnoise._validate import check_int, check_number, fail
+from lightning_gradnoise._validate import check_int, check_number, check_numbers, fail
 from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr_s, check_band, ema_effective_steps, gr_t_expected
 from lightning_gradnoise.stats import gr_s as gr_s_at
 
@@ -92,39 +92,58 @@ class BatchSizeController:
         if not (self.max_factor >= 2 and not self.max_factor & (self.max_factor - 1)):
             fail("max_factor", self.max_factor, "a power of two >= 2")
 
-    def decide(self, gr_s: float, batch: float, step: int, b_simple: float | None = None) -> Decision:
+    def decide(self, gr_s: float, batch: float, step: int, b_simple: float | None = None,
+               interval: tuple[float, float] | None = None) -> Decision:
         r"""The batch for the next steps, from the current :math:`GR_S` (and :math:`B_\text{simple}`,
-        which says how far to go). A NaN ``gr_s`` means no estimate yet."""
+        which says how far to go). A NaN ``gr_s`` means no estimate yet.
+
+        ``interval``, :math:`GR_S`'s interval ``(low, high)``: the batch then moves only when the
+        whole interval lies outside the band (above it to grow, below it to shrink), so a reading
+        that cannot tell which side of the band the batch is on moves nothing."""
         gr_s = check_number("gr_s", gr_s, low=0, high=1, nan_ok=True)
         batch = check_number("batch", batch, low=0, low_open=True)
         check_int("step", step, low=0)
         if b_simple is not None:
             check_number("b_simple", b_simple, low=0, finite=False, nan_ok=True)
+        if interval is not None:
+            interval = tuple(check_numbers("interval", interval, length=2, low=0, high=1))  # type: ignore[assignment]
         low, high = self.band
         if not math.isfinite(gr_s):
             return Decision(batch, False, "no GR_S estimate yet")
         if step - self.last_change < self.cooldown:
             return Decision(batch, False, f"cooldown until step {self.last_change + self.cooldown}")
-        if gr_s > high + self.hysteresis:
-            up, why = True, f"GR_S {gr_s:.3f} above {high}: gradients redundant within the batch, grow it"
-        elif gr_s < low - self.hysteresis:
-            up, why = False, f"GR_S {gr_s:.3f} below {low}: past the critical batch, shrink it"
+        shown = f"GR_S {gr_s:.3f}" + (f" (interval {interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
+        if gr_s > high + self.hysteresis and (interval is None or interval[0] > high):
+            up, why = True, f"{shown} above {high}: gradients redundant within the batch, grow it"
+        elif gr_s < low - self.hysteresis and (interval is None or interval[1] < low):
+            up, why = False, f"{shown} below {low}: past the critical batch, shrink it"
+        elif interval is not None and not (low <= gr_s <= high):
+            return Decision(batch, False, f"{shown}: the interval reaches into the band, wait")
         else:
-            return Decision(batch, False, f"GR_S {gr_s:.3f} in band")
+            return Decision(batch, False, f"{shown} in band")
         new = self._next(batch, up, b_simple)
         if new is None:
             return Decision(batch, False, why + f", but the batch is at its bound {batch:.0f}")
         self.last_change = step
         return Decision(new, True, why + f": {batch:.0f} -> {new:.0f}")
 
-    def decide_from_noise_scale(self, b_simple: float | None, batch: float, step: int) -> Decision:
+    def decide_from_noise_scale(self, b_simple: float | None, batch: float, step: int,
+                                interval: tuple[float, float] | None = None) -> Decision:
         r""":meth:`decide` with :math:`GR_S` computed at ``batch`` from :math:`B_\text{simple}`
         (Lemma 2): the configured batch, not the batch of the step that was measured (a short
-        last accumulation window of an epoch would read as a spike of :math:`GR_S`)."""
+        last accumulation window of an epoch would read as a spike of :math:`GR_S`).
+        ``interval`` is :math:`B_\text{simple}`'s ``(low, high)``; it maps to :math:`GR_S`'s at
+        ``batch`` (GR_S rises with B_simple), on which the decision then rests."""
         if b_simple is None or not math.isfinite(b_simple) or b_simple < 0:
-            # a negative reading is |G|^2 not yet resolved from zero: no estimate to act on
+            # NaN or negative: |G|^2 not yet resolved from zero, no estimate to act on
             return Decision(batch, False, "no B_simple estimate yet")
-        return self.decide(float(gr_s_at(b_simple, batch)), batch, step, b_simple)
+        gr_interval = None
+        if interval is not None:
+            lo, hi = interval
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                return Decision(batch, False, "B_simple's interval is not bounded yet")
+            gr_interval = (float(gr_s_at(max(lo, 0.0), batch)), float(gr_s_at(max(hi, 0.0), batch)))
+        return self.decide(float(gr_s_at(b_simple, batch)), batch, step, b_simple, gr_interval)
 
     def _next(self, batch: float, up: bool, b_simple: float | None) -> float | None:
         """The allowed batch strictly on the ``up`` side of ``batch``, within ``max_factor``: one

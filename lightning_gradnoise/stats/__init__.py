@@ -10,6 +10,9 @@ Each name loads its module when first used, so importing this package is free un
 from lightning_gradnoise._lazy import lazy_names
 
 _WHERE = {
+    "EMAMoments": "_interval",
+    "fieller_interval": "_interval",
+    "t_quantile": "_interval",
     "batch_range_for_gr_s": "_bands",
     "BiasCorrectedEMA": "_ema",
     "check_band": "_bands",

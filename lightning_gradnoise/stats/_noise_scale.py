@@ -21,6 +21,7 @@ Lightning's gradient accumulation does.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Sequence, Union
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from lightning_gradnoise._validate import check_array, check_int, check_number
 from lightning_gradnoise.stats._ema import BiasCorrectedEMA
+from lightning_gradnoise.stats._interval import EMAMoments, fieller_interval, t_quantile
 
 __all__ = ["NoiseScaleStats", "noise_scale_update", "noise_scale_update_from_sums",
     "noise_scale_from_moments", "noise_scale_compute", "GradientNoiseScale"]
@@ -153,10 +155,13 @@ def noise_scale_compute(grad_sq: Tensor, trace_cov: Tensor) -> Tensor:
 
 class GradientNoiseScale:
     r"""Running :math:`B_\text{simple}`: separate bias-corrected EMAs of :math:`|G|^2` and
-    :math:`\mathrm{tr}\,\Sigma`, divided last.
+    :math:`\mathrm{tr}\,\Sigma`, divided last, each with how sure it is.
 
     Works on whole-model or per-layer norms (any trailing shape); :meth:`compute` with
-    ``total=True`` sums the layers first, which is the whole-model value.
+    ``total=True`` sums the layers first, which is the whole-model value. :meth:`reading` gives
+    the values with their intervals (:mod:`~lightning_gradnoise.stats._interval`): a t-interval
+    for each smoothed mean, Fieller's interval for their ratio. While :math:`|G|^2`'s interval
+    includes 0 the ratio is not determined, and :meth:`reading` says so with NaN.
 
     Args:
         decay: EMA decay in ``[0, 1)``.
@@ -170,19 +175,37 @@ class GradientNoiseScale:
     """
 
     def __init__(self, decay: float = 0.95) -> None:
-        self.grad_sq = BiasCorrectedEMA(decay)
-        self.trace_cov = BiasCorrectedEMA(decay)
+        self.layers = EMAMoments(decay)
+        """Per-step estimates per layer (any trailing shape): x = \|G\|^2, y = tr(Sigma)."""
+        self.total = EMAMoments(decay)
+        """The same for the whole model (each step's sum over layers)."""
+
+    @property
+    def grad_sq(self) -> BiasCorrectedEMA:
+        """The EMA of the per-step :math:`|G|^2` estimates (per layer)."""
+        return self.layers.ema("x")
+
+    @property
+    def trace_cov(self) -> BiasCorrectedEMA:
+        """The EMA of the per-step :math:`\mathrm{tr}\,\Sigma` estimates (per layer)."""
+        return self.layers.ema("y")
 
     def update(self, group_sq_norms: Tensor, mean_sq_norm: Tensor, group_sizes: GroupSizes) -> bool:
         """Fold one step in; a step with a non-finite input is refused whole (returns ``False``)."""
         stats = noise_scale_update(group_sq_norms, mean_sq_norm, group_sizes)
-        if not (bool(torch.isfinite(stats.grad_sq).all()) and bool(torch.isfinite(stats.trace_cov).all())):
-            self.grad_sq.rejected += 1
-            self.trace_cov.rejected += 1
-            return False
-        self.grad_sq.update(stats.grad_sq)
-        self.trace_cov.update(stats.trace_cov)
-        return True
+        return self.update_many(stats.grad_sq[None], stats.trace_cov[None]) == 1
+
+    def update_many(self, grad_sq: Tensor, trace_cov: Tensor) -> int:
+        """Fold in steps' unbiased estimates (rows, first dimension); a row with a non-finite
+        entry is refused whole. Returns the rows folded."""
+        grad_sq = torch.as_tensor(grad_sq, dtype=torch.float64)
+        trace_cov = torch.as_tensor(trace_cov, dtype=torch.float64)
+        folded = self.layers.update_many(grad_sq, trace_cov)
+        n = grad_sq.shape[0]
+        if n == 0:
+            return 0
+        self.total.update_many(grad_sq.reshape(n, -1).sum(1), trace_cov.reshape(n, -1).sum(1))
+        return folded
 
     def compute(self, total: bool = True) -> Tensor:
         g2, tr = self.grad_sq.compute(), self.trace_cov.compute()
@@ -190,9 +213,45 @@ class GradientNoiseScale:
             g2, tr = g2.sum(), tr.sum()
         return noise_scale_compute(g2, tr)
 
+    def reading(self, level: float = 0.9, total: bool = True) -> dict[str, Tensor]:
+        r"""The smoothed :math:`|G|^2`, :math:`\mathrm{tr}\,\Sigma` and :math:`B_\text{simple}`,
+        each with the two-sided ``level`` interval (keys ``grad_sq``, ``grad_sq_lo``,
+        ``grad_sq_hi``, ``trace_cov...``, ``b_simple...``), whole-model or per layer.
+
+        :math:`|G|^2` and :math:`\mathrm{tr}\,\Sigma` are non-negative, so their values and
+        intervals are clipped at 0 (the unbiased one-step estimates can be negative; their
+        smoothed value, early in a run, too). :math:`B_\text{simple}` is reported only where :math:`|G|^2` is resolved
+        from zero (Fieller's interval is then bounded); elsewhere it and its interval are NaN: not
+        determined yet. Its lower end is clipped at 0, as is its value (a negative smoothed
+        :math:`\mathrm{tr}\,\Sigma` means no measurable noise).
+        """
+        moments = self.total if total else self.layers
+        g2, tr = moments.means()
+        v_g, v_t, cov = moments.mean_covariance()
+        n = moments.effective_steps()
+        t = t_quantile(level, n - 1.0) if n > 2.0 else math.inf
+        se_g, se_t = v_g.sqrt(), v_t.sqrt()
+        lo, hi = fieller_interval(tr, g2, v_t, v_g, cov, t) if math.isfinite(t) else (g2 * math.nan, g2 * math.nan)
+        resolved = torch.isfinite(lo) & torch.isfinite(hi) & (g2 > 0)
+        nan = torch.full_like(g2, math.nan)
+        return {
+            "grad_sq": g2.clamp_min(0.0), "grad_sq_lo": (g2 - t * se_g).clamp_min(0.0), "grad_sq_hi": (g2 + t * se_g).clamp_min(0.0),
+            "trace_cov": tr.clamp_min(0.0), "trace_cov_lo": (tr - t * se_t).clamp_min(0.0), "trace_cov_hi": (tr + t * se_t).clamp_min(0.0),
+            "b_simple": torch.where(resolved, tr.clamp_min(0.0) / torch.where(resolved, g2, torch.ones_like(g2)), nan),
+            "b_simple_lo": torch.where(resolved, lo.clamp_min(0.0), nan),
+            "b_simple_hi": torch.where(resolved, hi.clamp_min(0.0), nan),
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        return {"grad_sq": self.grad_sq.state_dict(), "trace_cov": self.trace_cov.state_dict()}
+        return {"grad_sq": self.grad_sq.state_dict(), "trace_cov": self.trace_cov.state_dict(),
+                "layers": self.layers.state_dict(), "total": self.total.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.grad_sq.load_state_dict(state["grad_sq"])
-        self.trace_cov.load_state_dict(state["trace_cov"])
+        if "layers" in state:
+            self.layers.load_state_dict(state["layers"])
+            self.total.load_state_dict(state["total"])
+        else:  # saved before the intervals existed: the means carry on, the spreads start afresh
+            self.layers = EMAMoments(self.layers.decay)
+            self.total = EMAMoments(self.total.decay)
+            self.grad_sq.load_state_dict(state["grad_sq"])
+            self.trace_cov.load_state_dict(state["trace_cov"])

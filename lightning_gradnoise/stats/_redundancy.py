@@ -33,8 +33,12 @@ def gr_s(b_simple: Tensor | float, batch_size: Tensor | float) -> Tensor:
     Examples:
         >>> float(gr_s(100.0, 100.0))   # B = mu gives about 0.5
         0.505
+
+    GR_S rises with :math:`\mu` toward 1 at any :math:`B > 1`, so an interval of
+    :math:`B_\text{simple}` maps to one of :math:`GR_S` end to end.
     """
-    mu = torch.as_tensor(check_array("b_simple", b_simple, low=0), dtype=torch.float64)
+    # a tensor may hold NaN where B_simple is not determined yet: GR_S is then NaN too
+    mu = torch.as_tensor(check_array("b_simple", b_simple, low=0, finite=not isinstance(b_simple, Tensor)), dtype=torch.float64)
     return (1.0 + mu) / (torch.as_tensor(check_array("batch_size", batch_size, low=0, low_open=True), dtype=torch.float64) + mu)
 
 
