@@ -9,6 +9,7 @@ table of B_simple, GR_S, GR_T, mean GSNR and the global batch range the GR_S ban
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 
 import torch
@@ -86,19 +87,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train, val = digits_loaders(args.micro_batch, args.seed)
     trainer.fit(DigitsMLP(args.lr), train, val)
 
+    # the current value as `gradnoise report` reads it: the median of the last fifth of the logged
+    # points (one point is noisy), with the 90% interval of the last point at the usual batch
+    from lightning_gradnoise.cli import current_interval, current_value, read_tensorboard_scalars
+
+    series = read_tensorboard_scalars(trainer.logger.log_dir)
+    now = {key.split("/", 1)[1]: current_value(points) for key, points in series.items()}
+
+    def interval(key: str) -> str:
+        ends = current_interval(series, f"gradnoise/{key}")
+        return f"({ends[0]:.3g}-{ends[1]:.3g})" if all(math.isfinite(e) for e in ends) else ""
+
     s = monitor.latest
-    low, high = batch_range_for_gr_s(s["b_simple"], GR_S_BAND)
+    low, high = batch_range_for_gr_s(now["b_simple"], GR_S_BAND)
     rows = [
-        ("global batch B", f"{s['batch_size']:.0f}", f"{args.accumulate} x {args.micro_batch}"),
-        ("B_simple", f"{s['b_simple']:.1f}", "gradient noise scale (McCandlish et al.)"),
-        ("GR_S", f"{s['gr_s']:.3f}", f"ideal {GR_S_BAND[0]}-{GR_S_BAND[1]}"),
-        ("GR_T", f"{s['gr_t']:.1f}", f"ideal near {GR_T_TARGET:.0f}"),
-        ("mean GSNR", f"{s['gsnr']:.3f}", "per element, between micro-batches"),
+        ("global batch B", f"{now['batch_size']:.0f}", f"{args.accumulate} x {args.micro_batch}"),
+        ("B_simple", f"{now['b_simple']:.1f}", f"gradient noise scale (McCandlish et al.) {interval('b_simple')}"),
+        ("GR_S", f"{now['gr_s']:.3f}", f"ideal {GR_S_BAND[0]}-{GR_S_BAND[1]} {interval('gr_s')}"),
+        ("GR_T", f"{now['gr_t']:.1f}", f"ideal near {GR_T_TARGET:.0f}"),
+        ("mean GSNR", f"{now['gsnr']:.3f}", "per element, between micro-batches"),
         ("batch for GR_S band", f"{max(low, 1):.0f}-{max(high, 1):.0f}", "global batch sizes"),
         ("val accuracy", f"{float(trainer.callback_metrics['val/acc']):.3f}", ""),
     ]
     width = max(len(r[0]) for r in rows)
-    print()
+    print("\n(values: medians of the last fifth of the logged points, as `gradnoise report` reads them;"
+          " in parentheses the 90% interval of the last point at the usual batch)")
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>10}  {note}")
     print(f"\nTensorBoard logs: {trainer.logger.log_dir}   (tensorboard --logdir {args.logdir})")

@@ -21,7 +21,7 @@ from lightning_gradnoise import __version__
 from lightning_gradnoise._cli_io import UsageError, check_output_path, read_runs, read_tensorboard_scalars
 from lightning_gradnoise._validate import check_int, check_number
 
-__all__ = ["build_parser", "main", "read_tensorboard_scalars"]
+__all__ = ["build_parser", "current_interval", "current_value", "main", "read_tensorboard_scalars"]
 
 GRADNOISE_KEYS = ("gradnoise/b_simple", "gradnoise/gr_s", "gradnoise/gr_t", "gradnoise/gsnr", "gradnoise/batch_size")
 MAX_SIZE = 1e12  # a batch size or noise scale beyond this is a typo, not a plan
@@ -216,6 +216,17 @@ def current_value(points: Sequence[tuple[int, float]]) -> float:
     return statistics.median(values[-max(1, len(values) // 5) :])
 
 
+def current_interval(series: dict[str, list[tuple[int, float]]], key: str) -> tuple[float, float]:
+    """The logged interval ``(key_lo, key_hi)`` of the last point at the run's usual batch (an
+    epoch's short last window is a smaller batch, whose GR_S reads higher); NaN if none."""
+    lo, hi = dict(series.get(f"{key}_lo", [])), dict(series.get(f"{key}_hi", []))
+    batches = series.get("gradnoise/batch_size", [])
+    usual = statistics.median(v for _, v in batches) if batches else math.nan
+    full = {s for s, v in batches if v == usual} or {s for s, _ in batches}
+    steps = [s for s in lo if s in hi and s in full]
+    return (lo[steps[-1]], hi[steps[-1]]) if steps else (math.nan, math.nan)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lightning_gradnoise.stats import GR_T_TARGET, batch_range_for_gr_s
 
@@ -233,9 +244,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.logdir}: the current {name} is {value:g}, not a positive finite number; "
                              "no verdict from it (the run may be too short for the statistic to settle)")
     lo, hi = batch_range_for_gr_s(b_simple, (low, high))
-    print(f"run: {args.logdir}  ({len(series['gradnoise/b_simple'])} logged points; values are medians of the last fifth)")
-    rows = [{"statistic": k.split("/")[1], "value": current_value(series[k])} for k in GRADNOISE_KEYS if k in series]
-    print(_table(rows, ["statistic", "value"]))
+    print(f"run: {args.logdir}  ({len(series['gradnoise/b_simple'])} logged points; values are medians of the last fifth,"
+          " intervals those of the last point at the usual batch)")
+    rows = []
+    for key in GRADNOISE_KEYS:
+        if key in series:
+            ends = current_interval(series, key)
+            shown = f"{ends[0]:.4g} - {ends[1]:.4g}" if all(math.isfinite(e) for e in ends) else ""
+            rows.append({"statistic": key.split("/")[1], "value": current_value(series[key]), "90% interval": shown or "n/a"})
+    print(_table(rows, ["statistic", "value", "90% interval"]))
     verdict = "inside" if lo <= batch <= hi else ("below: larger batches would use examples as well" if batch < lo else "above: smaller batches would save examples")
     print(f"recommended global batch for GR_S in {low:g}-{high:g}: {max(lo, 1):.0f} to {max(hi, 1):.0f} (current {batch:.0f}, {verdict})")
     gr_t = current_value(series.get("gradnoise/gr_t", []))
@@ -243,24 +260,45 @@ def cmd_report(args: argparse.Namespace) -> int:
         hint = "learning rate could rise" if gr_t < GR_T_TARGET / 2 else ("learning rate may be high" if gr_t > 2 * GR_T_TARGET else "near target")
         print(f"GR_T {gr_t:.1f} against a target near {GR_T_TARGET:.0f}: {hint}")
     if args.out:
-        plt = _pyplot()
-        keys = [k for k in GRADNOISE_KEYS[:4] if k in series]
-        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
-        for ax, key in zip(axes[:, 0], keys):
-            steps, values = zip(*series[key])
-            ax.plot(steps, values, lw=1.2)
-            ax.set_ylabel(key.split("/")[1])
-            if key == "gradnoise/gr_s":
-                ax.axhspan(low, high, color="green", alpha=0.15, label="ideal band")
-                ax.legend(fontsize=7, loc="upper right")
-            if key == "gradnoise/gr_t":
-                ax.axhline(GR_T_TARGET, color="green", ls="--", lw=0.8)
-        axes[-1, 0].set_xlabel("optimizer step")
-        fig.suptitle(args.logdir.rstrip("/").split("/")[-1])
-        fig.tight_layout()
-        fig.savefig(args.out, dpi=120)
+        _plot_report(args, series, low, high, GR_T_TARGET)
         print(f"plot written to {args.out}")
     return 0
+
+
+def _plot_report(args: argparse.Namespace, series: dict, low: float, high: float, gr_t_target: float) -> None:
+    """Each statistic against the step, with its interval as a band; steps whose batch was
+    smaller than the run's usual one (an epoch's short last window) marked, and the adapters'
+    decisions drawn as vertical lines."""
+    plt = _pyplot()
+    keys = [k for k in GRADNOISE_KEYS[:4] if k in series]
+    usual = statistics.median(v for _, v in series["gradnoise/batch_size"])
+    short = {s for s, v in series["gradnoise/batch_size"] if v < usual}
+    decisions = sorted({s for key in ("gradnoise/decision/batch_size", "gradnoise/lr_scale") for s, _ in series.get(key, [])})
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        steps, values = zip(*series[key])
+        ax.plot(steps, values, lw=1.2)
+        if f"{key}_lo" in series and f"{key}_hi" in series:
+            lo = dict(series[f"{key}_lo"])
+            hi = dict(series[f"{key}_hi"])
+            at = [s for s in steps if s in lo and s in hi]
+            ax.fill_between(at, [lo[s] for s in at], [hi[s] for s in at], alpha=0.25, lw=0, label="90% interval")
+        marked = [(s, v) for s, v in series[key] if s in short]
+        if marked:
+            ax.plot(*zip(*marked), "x", color="grey", ms=4, label="short window (smaller batch)")
+        for s in decisions:
+            ax.axvline(s, color="red", ls=":", lw=0.8)
+        ax.set_ylabel(key.split("/")[1])
+        if key == "gradnoise/gr_s":
+            ax.axhspan(low, high, color="green", alpha=0.15, label="ideal band")
+        if key == "gradnoise/gr_t":
+            ax.axhline(gr_t_target, color="green", ls="--", lw=0.8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("optimizer step" + (" (dotted: an adapter's decision)" if decisions else ""))
+    fig.suptitle(args.logdir.rstrip("/").split("/")[-1])
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
 
 
 def build_parser() -> argparse.ArgumentParser:

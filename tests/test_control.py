@@ -206,6 +206,11 @@ def test_adapters_in_a_fit_compose_with_a_scheduler_and_resume_exactly(tmp_path)
     sched = trainer.lr_scheduler_configs[0].scheduler
     want = 0.02 * bsa.lr_scale * lra.lr_scale / (1.0 + 0.001 * sched.last_epoch)
     assert group["lr"] == pytest.approx(want, rel=1e-9)
+    # one key per meaning: gradnoise/lr_scale is the factor applied on top of the schedule
+    logged = logger.series("gradnoise/lr_scale")
+    assert logged and logged[-1][1] == pytest.approx(bsa.lr_scale * lra.lr_scale, rel=1e-12)
+    assert logger.series("gradnoise/lr_scale/batch")[-1][1] == bsa.lr_scale
+    assert logger.series("gradnoise/lr_scale/gr_t")[-1][1] == lra.lr_scale
     assert math.isfinite(float(model.lin.weight.sum()))
     # resume from the end of epoch 1 (after changes): same batch size, scales and next decisions
     (ckpt,) = glob.glob(str(tmp_path / "epoch=0-*.ckpt"))

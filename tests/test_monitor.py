@@ -44,8 +44,9 @@ def test_ground_truth_frozen_linear_regression(namespace) -> None:
     # GSNR: at w0 every element has signal; mean of g^2/sigma^2 is positive and finite
     assert 0 < last["gradnoise/gsnr"] < math.inf
     assert last["gradnoise/skipped_steps"] == 0
-    # logged every 50 optimizer steps, at the optimizer step index
-    assert [s for s, _ in logger.rows] == list(range(0, steps, 50))
+    # logged every 50 optimizer steps, at the optimizer step index, and the last step at the end
+    assert [s for s, _ in logger.rows] == list(range(0, steps, 50)) + [steps - 1]
+    assert "gradnoise/b_simple" in logger.rows[-1][1]
 
 
 def test_sum_reduced_loss_gives_the_same_statistics() -> None:

@@ -33,7 +33,7 @@ def test_two_processes_measure_what_one_process_measures_from_the_same_groups(tm
         got, want = row["ddp"], row["reference"]
         assert got["batch_size"] == want["batch_size"] == 32 * accumulate
         for key in ("b_simple", "grad_sq", "trace_cov", "gr_s", "gsnr"):
-            assert got[key] == pytest.approx(want[key], rel=1e-4), key
+            assert got[key] == pytest.approx(want[key], rel=1e-4, nan_ok=True), key
         # the elementwise moments travelled with the gradients, or (no hook) on their own
         assert (row["packed_bytes"] > 0) == (mode != "final")
 

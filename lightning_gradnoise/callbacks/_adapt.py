@@ -62,6 +62,14 @@ def _monitor(trainer: Any, needs: str, who: str) -> GradNoiseMonitor:
     )
 
 
+def _lr_scales(trainer: Any) -> dict[str, float]:
+    """What the adapters multiply the schedule's learning rate by: ``gradnoise/lr_scale`` is the
+    factor actually applied (the product), the others each adapter's own part."""
+    parts = {f"gradnoise/lr_scale/{'batch' if isinstance(cb, BatchSizeAdapter) else 'gr_t'}": cb.lr_scale
+             for cb in trainer.callbacks if isinstance(cb, (BatchSizeAdapter, LRAdapter))}
+    return {"gradnoise/lr_scale": math.prod(parts.values()), **parts}
+
+
 def _schedulers(trainer: Any) -> list[Any]:
     return [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
 
@@ -218,7 +226,7 @@ class BatchSizeAdapter(CallbackBase):
         trainer.accumulate_grad_batches = new_k
         self.accumulate = new_k
         if trainer.is_global_zero:
-            log_scalars(trainer.loggers, {"gradnoise/batch_target": float(unit * new_k), "gradnoise/lr_scale": self.lr_scale}, trainer.global_step)
+            log_scalars(trainer.loggers, {"gradnoise/batch_target": float(unit * new_k), **_lr_scales(trainer)}, trainer.global_step)
 
     def _announce(self, trainer: Any, reason: str, new_batch: float) -> None:
         self.decisions.append((trainer.global_step, reason))
@@ -300,7 +308,7 @@ class LRAdapter(CallbackBase):
         self.lr_scale = new_scale
         self.decisions.append((trainer.global_step, reason))
         if trainer.is_global_zero:
-            log_scalars(trainer.loggers, {"gradnoise/lr_scale": self.lr_scale}, trainer.global_step)
+            log_scalars(trainer.loggers, _lr_scales(trainer), trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict(), "lr_scale": self.lr_scale, "decisions": list(self.decisions)}

@@ -33,7 +33,15 @@ class GradNoiseMonitor(CallbackBase):
       parameter-sized buffers and one multi-tensor update per step;
     - ``gsnr``: mean elementwise :math:`g^2/\sigma^2` (VRGD Eq. 2); costs one parameter-sized buffer
       of elementwise moments, filled only on the steps that are logged;
-    - ``batch_size`` (the global :math:`B`), ``skipped_steps`` (steps with non-finite gradients).
+    - ``batch_size`` (the global :math:`B`), ``skipped_steps`` (steps with non-finite gradients
+      or an empty micro-batch: skipped whole and counted).
+
+    Each of ``b_simple``, ``grad_sq``, ``trace_cov`` and ``gr_s`` comes with its two-sided
+    ``level`` interval as ``<key>_lo`` and ``<key>_hi`` (:meth:`GradientNoiseScale.reading
+    <lightning_gradnoise.stats.GradientNoiseScale.reading>`). While :math:`|G|^2` is not resolved
+    from zero, ``b_simple`` and ``gr_s`` and their intervals are NaN: not determined yet, rather
+    than a negative :math:`B_\text{simple}` or a :math:`GR_S` above 1. The last steps of a run,
+    after the last log, are folded and logged when training ends.
 
     Per parameter tensor under ``gradnoise/layer/<name>/<statistic>`` with ``per_layer=True``;
     histograms of each layer's :math:`\log_{10}` GSNR to TensorBoard and W&B with
@@ -49,6 +57,7 @@ class GradNoiseMonitor(CallbackBase):
         loss_reduction: ``"mean"`` if the training loss averages over the batch (the usual case),
             ``"sum"`` if it sums; the group's mean gradient is recovered either way.
         batch_size_fn: ``batch -> number of samples``; by default Lightning's own rule.
+        level: the two-sided level of the logged intervals, in ``(0, 1)`` (0.9 by default).
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -65,8 +74,10 @@ class GradNoiseMonitor(CallbackBase):
         histograms: bool = False,
         loss_reduction: str = "mean",
         batch_size_fn: Callable[[Any], int] | None = None,
+        level: float = 0.9,
     ) -> None:
         self.statistics = parse_statistics(statistics)
+        self.level = check_number("level", level, low=0, low_open=True, high=1, high_open=True)
         log_every_n_steps = check_optional(check_int, "log_every_n_steps", log_every_n_steps, low=1)
         check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
         check_number("gr_t_beta", gr_t_beta, low=0, low_open=True, high=1, high_open=True)
@@ -91,6 +102,8 @@ class GradNoiseMonitor(CallbackBase):
         self._step_scale = 1.0
         self._accumulate: int | None = None
         self._comm: Any = None
+        self._last_logged = -1
+        self._empty_step = False
         self.log_results = True
 
     # -- set-up --------------------------------------------------------------------------------
@@ -150,6 +163,7 @@ class GradNoiseMonitor(CallbackBase):
             ema_decay=self.ema_decay,
             gr_t_beta=self.gr_t_beta,
             mode=self.capture_mode(trainer),
+            level=self.level,
         ).attach()
         if self._pending_state is not None:
             self.tracker.load_state_dict(self._pending_state)
@@ -175,6 +189,14 @@ class GradNoiseMonitor(CallbackBase):
         return "final" if trainer.accumulate_grad_batches == 1 and not gradient_as_bucket_view(strategy) else "hooks"
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # the steps after the last log (a run's end rarely falls on the cadence): fold and log them
+        last = trainer.global_step - 1
+        if self.tracker is not None and self.log_results and last > self._last_logged:
+            summary = self.tracker.summarize(per_layer=self.per_layer)
+            if "gsnr" in self.latest:
+                summary.setdefault("gsnr", self.latest["gsnr"])  # GSNR needs a step's moments: the last one stands
+            self.latest = summary
+            self._log(trainer, summary, last, histograms=False)
         self._release()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -194,6 +216,8 @@ class GradNoiseMonitor(CallbackBase):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         assert self.tracker is not None
         self._micro_size = int(self.batch_size_fn(batch))
+        if self._micro_size <= 0 and trainer.world_size == 1:
+            self._empty_step = True  # no samples, no mean gradient: the step is skipped and counted
         if self.tracker.collector.num_groups == 0 and not self.tracker.collector.group_open:
             # First micro-batch of a step. The divisor and the AMP loss scale hold for the whole
             # accumulation window (GradScaler updates after the optimizer step): read them once.
@@ -219,8 +243,9 @@ class GradNoiseMonitor(CallbackBase):
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         assert self.tracker is not None
-        scale = self._step_scale / self._micro_size if self.loss_reduction == "sum" else self._step_scale
-        self.tracker.begin_group(scale=scale, size=self._micro_size, loss=loss)
+        size = self._micro_size if self._micro_size and self._micro_size > 0 else None
+        scale = self._step_scale / size if self.loss_reduction == "sum" and size else self._step_scale
+        self.tracker.begin_group(scale=scale, size=size, loss=loss)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         assert self.tracker is not None
@@ -230,6 +255,13 @@ class GradNoiseMonitor(CallbackBase):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         tracker = self.tracker
         assert tracker is not None
+        if self._empty_step:  # one device only: under DDP the ranks would have to agree first
+            self._empty_step = False
+            tracker.skip_step()
+            self.consume_step(trainer, optimizer)
+            tracker.collector.reset()
+            self._logging_step = False
+            return
         summary = tracker.finish_step(
             loss_divisor=trainer.accumulate_grad_batches,
             loss_reduction=self.loss_reduction,
@@ -243,10 +275,14 @@ class GradNoiseMonitor(CallbackBase):
         if summary is None:
             return
         self.latest = summary
+        self._log(trainer, summary, trainer.global_step)
+
+    def _log(self, trainer: Any, summary: dict[str, float], step: int, histograms: bool = True) -> None:
+        self._last_logged = step
+        tracker = self.tracker
         if trainer.is_global_zero and self.log_results:
-            step = trainer.global_step
             log_scalars(trainer.loggers, {f"gradnoise/{k}": v for k, v in summary.items()}, step)
-            if self.histograms and tracker.histograms:
+            if histograms and self.histograms and tracker.histograms:
                 hists = {
                     f"gradnoise/layer/{name}/log10_gsnr": values.clamp_min(1e-30).log10()
                     for name, values in tracker.histograms.items()

@@ -40,10 +40,13 @@ class VRMoments(GradNoiseMonitor):
     def consume_step(self, trainer: Any, optimizer: Any) -> None:
         assert self.tracker is not None
         moments = self.tracker.last_elementwise
-        if moments is None:  # a skipped (non-finite) step: the optimizer step is skipped by AMP, or fails loudly
+        target = getattr(optimizer, "optimizer", optimizer)  # Lightning wraps optimizers
+        if moments is None:
+            # a skipped step (non-finite gradients, decided on the reduced gradient, so on every
+            # rank alike; or an empty micro-batch): the optimizer skips it too, as the monitor does
+            target.skip_step()
             return
         sq_sums, k = moments
-        target = getattr(optimizer, "optimizer", optimizer)  # Lightning wraps optimizers
         by_id = {id(p): s for p, s in zip(self.tracker.collector.params, sq_sums)}
         ordered = [by_id[id(p)] for p in target.params_in_order()]
         target.set_moments(ordered, k)

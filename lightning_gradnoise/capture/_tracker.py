@@ -199,6 +199,7 @@ class GradNoiseTracker:
         micro-batch, which has no mean gradient): nothing of it is folded in."""
         self.collector.reset()
         self.skipped_steps += 1
+        self.last_elementwise = None
 
     def begin_step(self, elementwise: bool = False) -> None:
         """Start a step; ``elementwise`` captures the moments GSNR needs (only if selected)."""
@@ -280,6 +281,8 @@ class GradNoiseTracker:
         entry = _Pending(norms, sums, big, k, tuple(scales), (float(k_local), inv_size_sum, local_batch),
                          loss_reduction == "sum", local=world > 1)
         self._pending.append(entry)
+        if not entry.local:  # one process: the step's batch is known here (else the fold sums it)
+            self._batch = batch
         finite = None
         if "gr_t" in self.statistics or summarize:
             # under DDP only the reduced gradient, the same on every process, decides (a local
@@ -309,6 +312,14 @@ class GradNoiseTracker:
         if entry.local:  # the global batch, summed over processes by the fold
             batch = self._batch
         return self._summary(batch, layer_gsnr, per_layer)
+
+    def summarize(self, per_layer: bool = False) -> dict[str, float]:
+        """The current values without a new step: the pending steps are folded in first (e.g. at
+        the end of a run, so that its last steps are reported). Under ``torch.distributed`` a
+        collective, like a summarized :meth:`finish_step`. GSNR is not included (it needs a
+        step's elementwise moments)."""
+        self._fold()
+        return self._summary(self._batch, None, per_layer)
 
     def _group_sums(self, pending: list[_Pending], sums: Tensor) -> None:
         r"""Write :math:`\sum_j |g_j|^2` per tensor of each step into ``sums`` (``[steps, tensors]``,

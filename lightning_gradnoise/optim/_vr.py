@@ -108,6 +108,9 @@ def vr_optimizer_class(base: type[Optimizer], name: str, beta3_default: Optional
                 group.setdefault("beta3", beta3)
             self.moment_source = moment_source
             self._moments: Optional[tuple[Sequence[Tensor], int]] = None
+            self._skip = False
+            self.skipped_steps = 0
+            """Steps skipped whole (:meth:`skip_step`), e.g. for non-finite gradients."""
             # kept apart from self.state: base optimizers initialize a parameter's state when empty
             self.gsnr_state: dict[int, dict[str, Any]] = {}
 
@@ -147,9 +150,18 @@ def vr_optimizer_class(base: type[Optimizer], name: str, beta3_default: Optional
                          f"a tensor of the parameter's shape {tuple(p.shape)}", TypeError if not isinstance(s, Tensor) else ValueError)
             self._moments = (list(sq_sums), k)
 
+        def skip_step(self) -> None:
+            """Make the next :meth:`step` change nothing (counted in ``skipped_steps``): for a step
+            whose gradients or moments are not finite, as the monitor skips it."""
+            self._skip = True
+
         @torch.no_grad()
         def step(self, closure: Optional[Callable[[], float]] = None):
             loss = call_closure(closure)
+            if self._skip:
+                self._skip, self._moments = False, None
+                self.skipped_steps += 1
+                return loss
             moments = self._moments if self._moments is not None else (self.moment_source() if self.moment_source else None)
             self._moments = None
             if moments is None:

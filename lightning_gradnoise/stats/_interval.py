@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradnoise._validate import check_number
+from lightning_gradnoise._validate import check_array, check_number
 from lightning_gradnoise.stats._ema import BiasCorrectedEMA
 
 __all__ = ["EMAMoments", "fieller_interval", "t_quantile"]
@@ -96,6 +96,11 @@ def fieller_interval(num: Tensor, den: Tensor, v_num: Tensor, v_den: Tensor, cov
         >>> round(float(lo), 2), round(float(hi), 2)
         (3.93, 6.18)
     """
+    for name, value in (("num", num), ("den", den), ("cov", cov)):
+        check_array(name, value, finite=False)
+    check_array("v_num", v_num, low=0, finite=False)
+    check_array("v_den", v_den, low=0, finite=False)
+    t = check_number("t", t, low=0, low_open=True)
     q = t * t
     a = den * den - q * v_den
     b = den * num - q * cov
