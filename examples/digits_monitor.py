@@ -88,14 +88,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.fit(DigitsMLP(args.lr), train, val)
 
     # the current value as `gradnoise report` reads it: the median of the last fifth of the logged
-    # points (one point is noisy), with the 90% interval of the last point at the usual batch
-    from lightning_gradnoise.cli import current_interval, current_value, read_tensorboard_scalars
+    # points at the run's usual batch (one point is noisy), with the last such point's 90% interval
+    from lightning_gradnoise.cli import current_interval, current_value, read_tensorboard_scalars, usual_steps
 
     series = read_tensorboard_scalars(trainer.logger.log_dir)
-    now = {key.split("/", 1)[1]: current_value(points) for key, points in series.items()}
+    full = usual_steps(series)  # an epoch's short last window is a smaller batch: left out
+    now = {key.split("/", 1)[1]: current_value(points, full) for key, points in series.items()}
 
     def interval(key: str) -> str:
-        ends = current_interval(series, f"gradnoise/{key}")
+        ends = current_interval(series, f"gradnoise/{key}", full)
         return f"({ends[0]:.3g}-{ends[1]:.3g})" if all(math.isfinite(e) for e in ends) else ""
 
     s = monitor.latest
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ("val accuracy", f"{float(trainer.callback_metrics['val/acc']):.3f}", ""),
     ]
     width = max(len(r[0]) for r in rows)
-    print("\n(values: medians of the last fifth of the logged points, as `gradnoise report` reads them;"
-          " in parentheses the 90% interval of the last point at the usual batch)")
+    print("\n(values: medians of the last fifth of the logged points at the usual batch, as `gradnoise report`"
+          " reads them; in parentheses the last such point's 90% interval)")
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>10}  {note}")
     print(f"\nTensorBoard logs: {trainer.logger.log_dir}   (tensorboard --logdir {args.logdir})")

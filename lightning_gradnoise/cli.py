@@ -21,7 +21,7 @@ from lightning_gradnoise import __version__
 from lightning_gradnoise._cli_io import UsageError, check_output_path, read_runs, read_tensorboard_scalars
 from lightning_gradnoise._validate import check_int, check_number
 
-__all__ = ["build_parser", "current_interval", "current_value", "main", "read_tensorboard_scalars"]
+__all__ = ["build_parser", "current_interval", "current_value", "main", "read_tensorboard_scalars", "usual_steps"]
 
 GRADNOISE_KEYS = ("gradnoise/b_simple", "gradnoise/gr_s", "gradnoise/gr_t", "gradnoise/gsnr", "gradnoise/batch_size")
 MAX_SIZE = 1e12  # a batch size or noise scale beyond this is a typo, not a plan
@@ -207,24 +207,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 # -- report ---------------------------------------------------------------------------------------
-def current_value(points: Sequence[tuple[int, float]]) -> float:
+def usual_steps(series: dict[str, list[tuple[int, float]]]) -> set[int] | None:
+    """The logged steps at the run's usual batch: the most common batch of the last fifth of the
+    logged points. An epoch's short last window is a smaller batch, whose GR_S reads higher and
+    whose estimates are noisier: the current values leave such steps out. ``None`` if the run
+    logged no batch size."""
+    batches = series.get("gradnoise/batch_size", [])
+    if not batches:
+        return None
+    recent = [v for _, v in batches[-max(1, len(batches) // 5) :]]
+    usual = max(set(recent), key=lambda b: (recent.count(b), b))
+    return {s for s, v in batches if v == usual}
+
+
+def current_value(points: Sequence[tuple[int, float]], steps: set[int] | None = None) -> float:
     """A run's current value of a logged series: the median of its last fifth of logged points
-    (one point is noisy; the median of a recent stretch is what the run is at now)."""
-    values = [v for _, v in points]
+    (one point is noisy; the median of a recent stretch is what the run is at now), counting only
+    ``steps`` when given (:func:`usual_steps`)."""
+    values = [v for s, v in points if steps is None or s in steps]
     if not values:
         return math.nan
     return statistics.median(values[-max(1, len(values) // 5) :])
 
 
-def current_interval(series: dict[str, list[tuple[int, float]]], key: str) -> tuple[float, float]:
-    """The logged interval ``(key_lo, key_hi)`` of the last point at the run's usual batch (an
-    epoch's short last window is a smaller batch, whose GR_S reads higher); NaN if none."""
+def current_interval(series: dict[str, list[tuple[int, float]]], key: str, steps: set[int] | None = None) -> tuple[float, float]:
+    """The logged interval ``(key_lo, key_hi)`` of the last point among ``steps`` (all when
+    ``None``); NaN if there is none."""
     lo, hi = dict(series.get(f"{key}_lo", [])), dict(series.get(f"{key}_hi", []))
-    batches = series.get("gradnoise/batch_size", [])
-    usual = statistics.median(v for _, v in batches) if batches else math.nan
-    full = {s for s, v in batches if v == usual} or {s for s, _ in batches}
-    steps = [s for s in lo if s in hi and s in full]
-    return (lo[steps[-1]], hi[steps[-1]]) if steps else (math.nan, math.nan)
+    at = [s for s in lo if s in hi and (steps is None or s in steps)]
+    return (lo[at[-1]], hi[at[-1]]) if at else (math.nan, math.nan)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -238,24 +249,25 @@ def cmd_report(args: argparse.Namespace) -> int:
                       ("gradnoise/batch_size", "the run logged no batch size, so no batch can be recommended")):
         if key not in series:
             raise UsageError(f"{args.logdir}: no {key} in the logs; {what}")
-    b_simple, batch = current_value(series["gradnoise/b_simple"]), current_value(series["gradnoise/batch_size"])
+    full = usual_steps(series)
+    b_simple, batch = current_value(series["gradnoise/b_simple"], full), current_value(series["gradnoise/batch_size"], full)
     for name, value in (("B_simple", b_simple), ("batch_size", batch)):
         if not (math.isfinite(value) and value > 0):
             raise UsageError(f"{args.logdir}: the current {name} is {value:g}, not a positive finite number; "
                              "no verdict from it (the run may be too short for the statistic to settle)")
     lo, hi = batch_range_for_gr_s(b_simple, (low, high))
     print(f"run: {args.logdir}  ({len(series['gradnoise/b_simple'])} logged points; values are medians of the last fifth,"
-          " intervals those of the last point at the usual batch)")
+          " at the run's usual batch; intervals those of the last such point)")
     rows = []
     for key in GRADNOISE_KEYS:
         if key in series:
-            ends = current_interval(series, key)
+            ends = current_interval(series, key, full)
             shown = f"{ends[0]:.4g} - {ends[1]:.4g}" if all(math.isfinite(e) for e in ends) else ""
-            rows.append({"statistic": key.split("/")[1], "value": current_value(series[key]), "90% interval": shown or "n/a"})
+            rows.append({"statistic": key.split("/")[1], "value": current_value(series[key], full), "90% interval": shown or "n/a"})
     print(_table(rows, ["statistic", "value", "90% interval"]))
     verdict = "inside" if lo <= batch <= hi else ("below: larger batches would use examples as well" if batch < lo else "above: smaller batches would save examples")
     print(f"recommended global batch for GR_S in {low:g}-{high:g}: {max(lo, 1):.0f} to {max(hi, 1):.0f} (current {batch:.0f}, {verdict})")
-    gr_t = current_value(series.get("gradnoise/gr_t", []))
+    gr_t = current_value(series.get("gradnoise/gr_t", []), full)
     if math.isfinite(gr_t) and gr_t > 0:
         hint = "learning rate could rise" if gr_t < GR_T_TARGET / 2 else ("learning rate may be high" if gr_t > 2 * GR_T_TARGET else "near target")
         print(f"GR_T {gr_t:.1f} against a target near {GR_T_TARGET:.0f}: {hint}")

@@ -62,11 +62,16 @@ def test_report_on_the_example_run(tmp_path, capsys) -> None:
     from digits_monitor import main as digits
 
     latest = digits(["--epochs", "2", "--logdir", str(tmp_path)])
-    capsys.readouterr()
+    demo = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("B_simple", "GR_S", "GR_T"))}
     png = tmp_path / "report.png"
     assert main(["report", str(tmp_path / "digits"), "--out", str(png)]) == 0
     out = capsys.readouterr().out
     assert "recommended global batch for GR_S in 0.5-0.65" in out
+    # the demo's table and the report read "the current value" the same way
+    report = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.split()[:1] in (["b_simple"], ["gr_s"], ["gr_t"])}
+    for demo_key, key in (("B_simple", "b_simple"), ("GR_S", "gr_s"), ("GR_T", "gr_t")):
+        assert float(demo[demo_key]) == pytest.approx(report[key], rel=5e-3, abs=1e-3), key
     assert "b_simple" in out and "gr_t" in out and "gsnr" in out
     assert png.stat().st_size > 10_000
     (tmp_path / "nothing").mkdir()
