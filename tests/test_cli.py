@@ -70,8 +70,8 @@ def test_report_on_the_example_run(tmp_path, capsys) -> None:
     assert "recommended global batch for GR_S in 0.5-0.65" in out
     # the demo's table and the report read "the current value" the same way
     report = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.split()[:1] in (["b_simple"], ["gr_s"], ["gr_t"])}
-    for demo_key, key in (("B_simple", "b_simple"), ("GR_S", "gr_s"), ("GR_T", "gr_t")):
-        assert float(demo[demo_key]) == pytest.approx(report[key], rel=5e-3, abs=1e-3), key
+    for demo_key, key, printed in (("B_simple", "b_simple", 0.05), ("GR_S", "gr_s", 5e-4), ("GR_T", "gr_t", 0.05)):
+        assert float(demo[demo_key]) == pytest.approx(report[key], rel=1e-3, abs=printed * 1.01), key
     assert "b_simple" in out and "gr_t" in out and "gsnr" in out
     assert png.stat().st_size > 10_000
     (tmp_path / "nothing").mkdir()
