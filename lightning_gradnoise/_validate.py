@@ -42,6 +42,13 @@ def _range_text(low: Optional[float], high: Optional[float], low_open: bool, hig
     return " and ".join(parts)
 
 
+def _within(lo: float, hi: float, low: Optional[float], high: Optional[float], low_open: bool, high_open: bool) -> bool:
+    """Whether the values from ``lo`` to ``hi`` lie within the bounds."""
+    if low is not None and (lo < low or (low_open and lo == low)):
+        return False
+    return not (high is not None and (hi > high or (high_open and hi == high)))
+
+
 def _as_real(value: Any) -> Optional[float]:
     """The value as a float if it is one real number (a 0-d tensor or numpy scalar too), else None."""
     if isinstance(value, bool) or isinstance(value, (str, bytes)):
@@ -87,9 +94,7 @@ def check_number(
         return x
     if math.isnan(x) or (finite and math.isinf(x)):
         fail(name, value, expected)
-    if low is not None and (x < low or (low_open and x == low)):
-        fail(name, value, expected)
-    if high is not None and (x > high or (high_open and x == high)):
+    if not _within(x, x, low, high, low_open, high_open):
         fail(name, value, expected)
     return x
 
@@ -233,8 +238,6 @@ def check_array(
     lo, hi = float(flat.min()), float(flat.max())
     if not (math.isfinite(lo) and math.isfinite(hi)) or bool((flat != flat).any()):
         fail(name, value, expected)
-    if low is not None and (lo < low or (low_open and lo == low)):
-        fail(name, value, expected)
-    if high is not None and (hi > high or (high_open and hi == high)):
+    if not _within(lo, hi, low, high, low_open, high_open):
         fail(name, value, expected)
     return value

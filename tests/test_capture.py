@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -268,6 +270,8 @@ def test_pending_steps_saved_with_explicit_weights_resume_to_the_same_values(red
         tracker.load_state_dict(saved)
         results.append(run(tracker, model, 99, summarize=True))
         tracker.detach()
-    assert results[0]["b_simple"] == pytest.approx(results[1]["b_simple"], rel=1e-12)
-    assert results[0]["trace_cov"] == pytest.approx(results[1]["trace_cov"], rel=1e-12)
+    # (after five steps of three small groups B_simple may not be determined yet: NaN in both)
+    for key in ("b_simple", "grad_sq", "trace_cov", "trace_cov_lo", "trace_cov_hi"):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-12, nan_ok=True), key
+    assert math.isfinite(results[0]["trace_cov"])
     assert results[0]["batch_size"] == results[1]["batch_size"] == 16

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_gradnoise.stats import divided_power
+from lightning_gradnoise.stats._redundancy import divided_power_unchecked as divided_power
 
 __all__ = ["SecondMoment"]
 
@@ -73,11 +73,17 @@ class SecondMoment:
         self.shape = shape
 
     def _f_osc(self, t: Tensor) -> Tensor:
-        """f_t = rho^(t-1) sin(t phi)/sin(phi), continued by t rho^(t-1) as phi -> 0."""
+        """f_t = rho^(t-1) sin(t phi)/sin(phi), continued by t rho^(t-1) as phi -> 0.
+
+        Where rho^(t-1) has decayed below 1e-300 (the search over steps reaches t = 2^40) the
+        product is 0 whatever the sine: the sine is then not taken of t phi, whose argument
+        reduction for huge t cost more than all the rest of a sweep."""
         sin_phi = torch.sin(self.phi)
         small = sin_phi.abs() < 1e-9
-        ratio = torch.where(small, t, torch.sin(t * self.phi) / torch.where(small, torch.ones_like(sin_phi), sin_phi))
-        return self.rho ** (t - 1) * ratio
+        decay = self.rho ** (t - 1)
+        angle = torch.where(decay > 1e-300, t * self.phi, torch.zeros_like(decay))
+        ratio = torch.where(small, t, torch.sin(angle) / torch.where(small, torch.ones_like(sin_phi), sin_phi))
+        return decay * ratio
 
     def at(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(S11, S12, S22)`` after ``t`` steps (``t`` broadcasts against the batch shape)."""

@@ -85,6 +85,11 @@ def divided_power(a: Tensor, b: Tensor, p: Tensor | float, tol: float = 1e-7) ->
     check_array("b", b)
     check_array("p", p)
     check_number("tol", tol, low=0, low_open=True)
+    return divided_power_unchecked(a, b, p, tol)
+
+
+def divided_power_unchecked(a: Tensor, b: Tensor, p: Tensor | float, tol: float = 1e-7) -> Tensor:
+    """:func:`divided_power` without its argument checks, for the NQM's inner loops."""
     diff = a - b
     close = diff.abs() < tol
     safe = torch.where(close, torch.ones_like(diff), diff)
@@ -121,7 +126,7 @@ def gr_t_expected(mu_over_b: Tensor | float, lr_lambda: Tensor | float, beta: fl
     bt = torch.full_like(x, beta)
     q = 1.0 - 2.0 * x / (1.0 + r)
     p = 1.0 - x
-    value = (1.0 + r) * divided_power(bt, q, t) / ((1.0 - beta) * divided_power(bt, p, t) ** 2)
+    value = (1.0 + r) * divided_power_unchecked(bt, q, t) / ((1.0 - beta) * divided_power_unchecked(bt, p, t) ** 2)
     valid = (x >= 0) & (p >= 0) & (q >= 0) & (r >= 0)
     return torch.where(valid, value, torch.full_like(value, float("nan")))
 
