@@ -85,18 +85,20 @@ def check_number(
         ...
         ValueError: lr=-1.0 is invalid: expected a finite number > 0
     """
+    kind = type(value)  # the common case first: no isinstance chain, no message built
+    x = float(value) if kind is float or kind is int else _as_real(value)
+    if x is not None:
+        if x != x:  # NaN
+            if nan_ok:
+                return x
+        elif (not finite or x - x == 0) and _within(x, x, low, high, low_open, high_open):  # x - x: NaN for inf
+            return x
     bounds = _range_text(low, high, low_open, high_open)
     expected = ("a finite number" if finite else "a number (inf allowed)") + (f" {bounds}" if bounds else "")
-    x = _as_real(value)
-    if x is None:
-        fail(name, value, expected + (" or NaN (not known yet)" if nan_ok else ""), TypeError)
-    if nan_ok and math.isnan(x):
-        return x
-    if math.isnan(x) or (finite and math.isinf(x)):
-        fail(name, value, expected)
-    if not _within(x, x, low, high, low_open, high_open):
-        fail(name, value, expected)
-    return x
+    if nan_ok:
+        expected += " or NaN (not known yet)"
+    fail(name, value, expected, TypeError if x is None else ValueError)
+    raise AssertionError  # unreachable: fail raises
 
 
 def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
@@ -106,6 +108,8 @@ def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optiona
         >>> check_int("k", 2, low=2)
         2
     """
+    if type(value) is int and (low is None or value >= low) and (high is None or value <= high):
+        return value  # the common case: no message built
     bounds = _range_text(low, high, False, False)
     expected = "a whole number" + (f" {bounds}" if bounds else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
