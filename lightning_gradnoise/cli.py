@@ -263,8 +263,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         if key in series:
             ends = current_interval(series, key, full)
             shown = f"{ends[0]:.4g} - {ends[1]:.4g}" if all(math.isfinite(e) for e in ends) else ""
-            rows.append({"statistic": key.split("/")[1], "value": current_value(series[key], full), "90% interval": shown or "n/a"})
-    print(_table(rows, ["statistic", "value", "90% interval"]))
+            rows.append({"statistic": key.split("/")[1], "value": current_value(series[key], full), "interval": shown or "n/a"})
+    print(_table(rows, ["statistic", "value", "interval"]))
     verdict = "inside" if lo <= batch <= hi else ("below: larger batches would use examples as well" if batch < lo else "above: smaller batches would save examples")
     print(f"recommended global batch for GR_S in {low:g}-{high:g}: {max(lo, 1):.0f} to {max(hi, 1):.0f} (current {batch:.0f}, {verdict})")
     gr_t = current_value(series.get("gradnoise/gr_t", []), full)
