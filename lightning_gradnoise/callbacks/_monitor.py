@@ -106,6 +106,17 @@ class GradNoiseMonitor(CallbackBase):
         self._empty_step = False
         self.log_results = True
 
+    @property
+    def state_key(self) -> str:
+        """Names the settings, so that several monitors on one Trainer keep their own state."""
+        return self._generate_state_key(statistics=sorted(self.statistics), log_every_n_steps=self.log_every_n_steps,
+                                        ema_decay=self.ema_decay, gr_t_beta=self.gr_t_beta, per_layer=self.per_layer,
+                                        level=self.level)
+
+    @property
+    def _legacy_state_key(self) -> str:  # what checkpoints saved before the key named the settings hold
+        return type(self).__qualname__
+
     # -- set-up --------------------------------------------------------------------------------
     def check_trainer(self, trainer: Any, pl_module: Any) -> None:
         """Raise :class:`MisconfigurationError` if this Trainer cannot be measured."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from typing import Any, Iterable, Union
 
@@ -13,6 +14,8 @@ from lightning_gradnoise._validate import check_bool, check_choice, check_int, c
 __all__ = ["GradientMomentCollector", "named_parameters", "size_sums"]
 
 MODES = ("hooks", "swap", "final", "external")
+_SWAPPING: dict[int, "weakref.ref[GradientMomentCollector]"] = {}
+"""The attached swap-mode collector of each model (keyed by its first parameter): one at most."""
 NamedParams = Union[nn.Module, Iterable[tuple[str, nn.Parameter]]]
 
 
@@ -90,7 +93,7 @@ class GradientMomentCollector:
     """
 
     def __init__(self, params: NamedParams, elementwise: bool = False, mode: str = "hooks") -> None:
-        self.mode = check_choice("mode", mode, MODES)
+        self.mode = self._requested = check_choice("mode", mode, MODES)
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
         for name, p in named_parameters(params):
@@ -120,7 +123,18 @@ class GradientMomentCollector:
 
     # -- life cycle ---------------------------------------------------------------------------
     def attach(self) -> "GradientMomentCollector":
-        """Start observing backward passes (idempotent). Returns ``self``."""
+        """Start observing backward passes (idempotent). Returns ``self``.
+
+        A second collector in ``mode="swap"`` on the same parameters reads them with hooks
+        instead (the same results): two that each set ``.grad`` aside would each see the
+        other's running sum."""
+        if self.mode == "swap" and not self._attached:
+            key = id(self.params[0])
+            other = _SWAPPING.get(key)
+            if other is not None and other() is not None and other() is not self:
+                self.mode = "hooks"
+            else:
+                _SWAPPING[key] = weakref.ref(self)
         if self.mode == "hooks" and not self._handles:
             self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
         self._attached = True
@@ -133,6 +147,10 @@ class GradientMomentCollector:
             h.remove()
         self._handles = []
         self._attached = False
+        key = id(self.params[0])
+        if key in _SWAPPING and _SWAPPING[key]() is self:
+            del _SWAPPING[key]
+        self.mode = self._requested
 
     def __enter__(self) -> "GradientMomentCollector":
         return self.attach()
@@ -142,13 +160,14 @@ class GradientMomentCollector:
 
     def set_mode(self, mode: str) -> None:
         """Change how groups are seen, between steps (no group may be open)."""
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is invalid: expected one of {MODES}")
+        check_choice("mode", mode, MODES)
+        if mode == self._requested:
+            return  # (attach may have chosen hooks for a requested swap: nothing to change)
         if self.group_open:
             raise RuntimeError("set_mode() called while a group is open")
         attached = self._attached
         self.detach()
-        self.mode = mode
+        self.mode = self._requested = mode
         if attached:
             self.attach()
 
