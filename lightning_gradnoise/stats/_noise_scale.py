@@ -243,8 +243,8 @@ class GradientNoiseScale:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"grad_sq": self.grad_sq.state_dict(), "trace_cov": self.trace_cov.state_dict(),
-                "layers": self.layers.state_dict(), "total": self.total.state_dict()}
+        # (the EMAs of grad_sq and trace_cov are the layers' x and y: saved once, there)
+        return {"layers": self.layers.state_dict(), "total": self.total.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "layers" in state:
