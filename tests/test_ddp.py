@@ -39,7 +39,7 @@ def test_frozen_linear_regression_b_simple_and_identical_ranks(tmp_path, reducti
 @pytest.mark.parametrize(
     ("accumulate", "opts", "mode", "registered"),
     [
-        (2, {}, "hooks", True),  # micro-batches: per-tensor hooks; GSNR on every step packed by the hook
+        (2, {}, "hooks", False),  # micro-batches: per-tensor hooks; GSNR's centred moments in an all-reduce of their own
         (1, {"every": 50}, "final", False),  # .grad read at the end of backward, DDP's own all-reduce
         (1, {"every": 50, "moments_hook": "always"}, "external", True),  # read from DDP's buckets
     ],
@@ -70,9 +70,11 @@ def test_per_device_norms_equal_brute_force_from_each_ranks_data(tmp_path, accum
 
 
 def test_trajectory_is_bit_identical_to_plain_ddp_and_plain_ddp_monitor_agrees(tmp_path) -> None:
-    common = dict(steps=30, accumulate=2, lr=0.05, every=1)
+    # VR-SGD: VRMoments' sums of squares are packed into DDP's all-reduce on every step; the
+    # monitor beside it reads .grad with hooks and combines its centred moments itself
+    common = dict(steps=30, accumulate=2, lr=0.05, every=1, optimizer="vr_sgd")
     plain = launch(tmp_path, "traj", strategy="ddp", monitor=0, **common)
-    gn = launch(tmp_path, "traj", strategy="gnddp", **common)  # GSNR moments packed every step
+    gn = launch(tmp_path, "traj", strategy="gnddp", **common)  # VR moments packed every step
     beside = launch(tmp_path, "traj", strategy="gnddp", pack_limit=0, **common)  # bucket in place, moments beside
     fused = launch(tmp_path, "traj", strategy="gnddp", fuse_from=0, **common)  # divided into the packed buffer
     ddp_monitor = launch(tmp_path, "traj", strategy="ddp", **common)
@@ -83,7 +85,7 @@ def test_trajectory_is_bit_identical_to_plain_ddp_and_plain_ddp_monitor_agrees(t
         for key in ("b_simple", "gr_t", "gsnr", "grad_sq"):
             assert row_gn[key] == pytest.approx(row_beside[key], rel=1e-12, nan_ok=True), key
     assert ddp_monitor[0]["weight"] == plain[0]["weight"]
-    assert gn[0]["hook_registered"] and gn[0]["capture_mode"] == "hooks"  # GSNR on every step: packed
+    assert gn[0]["hook_registered"] and gn[0]["capture_mode"] == "hooks"  # VR moments on every step: packed
     for row_gn, row_ddp in zip(gn[0]["rows"], ddp_monitor[0]["rows"]):
         for key in ("b_simple", "gr_t", "gsnr", "grad_sq"):
             assert row_gn[key] == pytest.approx(row_ddp[key], rel=1e-5, nan_ok=True), key

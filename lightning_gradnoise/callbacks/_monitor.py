@@ -156,8 +156,12 @@ class GradNoiseMonitor(CallbackBase):
             if comm is not None and self._wants_packing(trainer):
                 comm.request_packing()  # elementwise moments on every step: in DDP's own all-reduce
 
+    _moments_only = False  # a consumer of every step's elementwise moments (VRMoments), measuring no GSNR
+
     def _wants_packing(self, trainer: Any) -> bool:
-        return "gsnr" in self.statistics and self._every(trainer) == 1
+        # sums of squares in DDP's own all-reduce serve a VR optimizer; the logged GSNR combines
+        # the processes' centred moments instead (no float32 cancellation), on logged steps
+        return self._moments_only and "gsnr" in self.statistics and self._every(trainer) == 1
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Where gnddp registered its hook, the hook reads DDP's buckets and packs elementwise
@@ -176,6 +180,8 @@ class GradNoiseMonitor(CallbackBase):
             mode=self.capture_mode(trainer),
             level=self.level,
         ).attach()
+        self.tracker._histograms = self.histograms
+        self.tracker.moments_only = self._moments_only
         if self._pending_state is not None:
             self.tracker.load_state_dict(self._pending_state)
             self._pending_state = None

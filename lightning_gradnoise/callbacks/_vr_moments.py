@@ -28,6 +28,8 @@ class VRMoments(GradNoiseMonitor):
         super().__init__(statistics=("gsnr",), log_every_n_steps=1, loss_reduction=loss_reduction, batch_size_fn=batch_size_fn)
         self.log_results = False
 
+    _moments_only = True
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         missing = [type(o).__name__ for o in trainer.optimizers if not hasattr(o, "set_moments")]
         if missing:

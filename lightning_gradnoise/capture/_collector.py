@@ -112,7 +112,11 @@ class GradientMomentCollector:
         self._norms: list[Tensor] = []
         self._scales: list[float] = []
         self._group_sizes: list[int | None] = []
-        self._sq_sum: list[Tensor | None] = [None] * len(self.params)
+        # elementwise moments, Welford's way: each tensor's running mean of the group gradients
+        # and centred sum of squares (no float32 cancellation, unlike a sum of squares)
+        self._sq_sum: list[Tensor | None] = [None] * len(self.params)  # the centred sums M2
+        self._mean: list[Tensor | None] = [None] * len(self.params)
+        self._elem_seen: set[int] = set()
         self._device = self.params[0].device
         self._zero = torch.zeros((), device=self._device)
         self._all = list(range(len(self.params)))
@@ -192,14 +196,36 @@ class GradientMomentCollector:
             self._take(idx, [grads[i] for i in idx])  # type: ignore[misc]
 
     def _square_into(self, indices: Iterable[int], grads: list[Tensor]) -> None:
-        bufs = [self._sq_buffer(i, g) for i, g in zip(indices, grads)]
-        torch._foreach_addcmul_(bufs, grads, grads, value=self._scale * self._scale)
+        """Welford's update of the open group's scaled gradients into the elementwise moments."""
+        indices = list(indices)
+        j = len(self._scales) + 1  # this group's number
+        means = [self._elem_buffer(self._mean, i, g) for i, g in zip(indices, grads)]
+        m2s = [self._elem_buffer(self._sq_sum, i, g) for i, g in zip(indices, grads)]
+        xs = torch._foreach_mul([g.to(m.dtype) for g, m in zip(grads, means)], self._scale)
+        delta = torch._foreach_sub(xs, means)
+        torch._foreach_add_(means, delta, alpha=1.0 / j)
+        torch._foreach_addcmul_(m2s, delta, torch._foreach_sub(xs, means))
+        self._elem_seen.update(indices)
+
+    def _close_elementwise(self) -> None:
+        """A tensor that got no gradient in the closing group counts a zero in its moments."""
+        if self.elementwise:
+            j = len(self._scales) + 1
+            missed = [i for i, m in enumerate(self._mean) if m is not None and i not in self._elem_seen]
+            if missed:
+                means = [self._mean[i] for i in missed]
+                m2s = [self._sq_sum[i] for i in missed]
+                old = [m.clone() for m in means]
+                torch._foreach_mul_(means, 1.0 - 1.0 / j)
+                torch._foreach_addcmul_(m2s, old, means)  # delta = -M, x - M_new = -M_new
+        self._elem_seen = set()
 
     def set_elementwise(self, enabled: bool) -> None:
         """Start or stop keeping elementwise moments (takes effect from the next group)."""
         self.elementwise = bool(enabled)
         if not enabled:
             self._sq_sum = [None] * len(self.params)
+            self._mean = [None] * len(self.params)
 
     # -- groups -------------------------------------------------------------------------------
     def begin_group(self, scale: float = 1.0, size: int | None = None, loss: Tensor | None = None) -> None:
@@ -227,7 +253,7 @@ class GradientMomentCollector:
         self._group_sizes.append(size)
         if self._stale:
             self._stale = False
-            for buf in self._sq_sum:
+            for buf in self._sq_sum + self._mean:
                 if buf is not None:
                     buf.zero_()
         if self.mode == "swap" and self._attached:
@@ -242,7 +268,9 @@ class GradientMomentCollector:
         A tensor that got no gradient in the group (unused) counts as zero."""
         if self._scale is None:
             raise RuntimeError("end_group() called without begin_group()")
-        if self._saved is not None and self._end_swapped_group():
+        swapped = self._saved is not None and self._end_swapped_group()
+        self._close_elementwise()
+        if swapped:
             self._scales.append(self._scale)
             self._scale = None
             return
@@ -294,6 +322,7 @@ class GradientMomentCollector:
             self._group_sizes.pop()
             self._current = [None] * len(self.params)
             self._scale = None
+            self._elem_seen = set()
 
     def reset(self) -> None:
         """Forget all groups of the step (elementwise buffers are zeroed in place, not freed, when
@@ -339,13 +368,16 @@ class GradientMomentCollector:
         else:  # rare: a second backward inside one group
             self._current[index] = torch.sqrt(prev.square() + norm.square())
         if self.elementwise:
-            self._sq_buffer(index, grad).addcmul_(grad, grad, value=self._scale * self._scale)
+            if index in self._elem_seen:
+                raise RuntimeError("elementwise moments need one gradient per tensor and group; this group ran a "
+                                   "second backward through the same parameters: end the group in between")
+            self._square_into([index], [grad])
 
-    def _sq_buffer(self, index: int, like: Tensor) -> Tensor:
-        buf = self._sq_sum[index]
+    def _elem_buffer(self, buffers: list[Tensor | None], index: int, like: Tensor) -> Tensor:
+        buf = buffers[index]
         if buf is None:
             dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
-            buf = self._sq_sum[index] = torch.zeros_like(like, dtype=dtype)
+            buf = buffers[index] = torch.zeros_like(like, dtype=dtype)
         return buf
 
     # -- results ------------------------------------------------------------------------------
@@ -395,7 +427,21 @@ class GradientMomentCollector:
         return (self._squared(norms, scales).sum(0), len(scales), *size_sums(sizes))
 
     def elementwise_sq_sum(self) -> list[Tensor]:
-        r""":math:`\sum_j g_j^2` per parameter tensor (zeros for a tensor that got no gradient)."""
+        r""":math:`\sum_j g_j^2` per parameter tensor (zeros for a tensor that got no gradient),
+        as :math:`M_2 + n\bar g^2` from :meth:`elementwise_moments`."""
+        means, m2s, n = self.elementwise_moments()
+        # (in an open group, e.g. read by the DDP hook in backward, a tensor already seen counts it)
+        return [torch.addcmul(m2, mean, mean, value=float(n + (i in self._elem_seen)))
+                for i, (mean, m2) in enumerate(zip(means, m2s))]
+
+    def elementwise_moments(self) -> tuple[list[Tensor], list[Tensor], int]:
+        r"""Per parameter tensor, the mean :math:`\bar g` of this process's closed groups'
+        gradients and their centred sum of squares :math:`M_2 = \sum_j (g_j - \bar g)^2`
+        (Welford's update: no float32 cancellation), and the number of groups."""
         if not self.elementwise:
             raise RuntimeError("elementwise moments were not requested: construct with elementwise=True")
-        return [torch.zeros_like(p) if b is None else b for p, b in zip(self.params, self._sq_sum)]
+        zeros = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
+                 if m is None else None for p, m in zip(self.params, self._mean)]
+        means = [z if m is None else m for z, m in zip(zeros, self._mean)]
+        m2s = [torch.zeros_like(m) if s is None else s for m, s in zip(means, self._sq_sum)]
+        return means, m2s, self.num_groups  # type: ignore[return-value]

@@ -155,7 +155,7 @@ def gradnoise_comm_hook(state: GradNoiseCommState, bucket: dist.GradBucket) -> t
             if col.mode == "external" and col.num_groups == 0:  # the bucket holds this process's one group
                 grads = bucket.gradients()
                 col.record(known, grads if len(known) == len(idx) else [g for i, g in zip(idx, grads) if i >= 0])
-            if col.elementwise and known:
+            if col.elementwise and known and state.pack_requested:
                 parts = col.elementwise_sq_sum()
                 elem = torch.cat([parts[i].reshape(-1) for i in known])
     full_precision = buffer.dtype in (torch.float32, torch.float64)

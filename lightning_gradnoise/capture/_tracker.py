@@ -15,11 +15,9 @@ from lightning_gradnoise.capture._comm import ReducedMoments
 from lightning_gradnoise.capture._dist import WorldSize
 from lightning_gradnoise.stats import (
     GradientNoiseScale,
+    GSNRStatistic,
     TemporalRedundancy,
     gr_s,
-    gsnr,
-    gsnr_layer_stats,
-    gsnr_variance,
     noise_scale_from_moments,
 )
 
@@ -169,6 +167,12 @@ class GradNoiseTracker:
         self.collector = GradientMomentCollector(params, mode=mode)
         self.noise_scale = GradientNoiseScale(ema_decay)
         self.temporal = TemporalRedundancy(gr_t_beta)
+        self.gsnr = GSNRStatistic(ema_decay)
+        self.moments_only = False
+        """Keep the elementwise moments for a VR optimizer (``last_elementwise``) and measure no GSNR."""
+        self._histograms = False  # set by a consumer that logs them
+        self.last_gsnr_moments: tuple[list[Tensor], list[Tensor], int, float] | None = None
+        """The last GSNR step's global group mean, centred sum of squares, k and sum of 1/b_j."""
         self.skipped_steps = 0
         self.steps = 0
         self.histograms: dict[str, Tensor] = {}
@@ -297,21 +301,21 @@ class GradNoiseTracker:
             return None
         self._fold()
         self.last_elementwise = None
-        layer_gsnr = None
         if finite and col.elementwise and k >= 2:
-            if reduced is not None and reduced.elementwise is not None:
-                layer_gsnr = self._gsnr(grads, k, reduced.elementwise)
-            elif reduced is None:
+            if reduced is not None and reduced.elementwise is not None:  # summed in DDP's all-reduce
+                self.last_elementwise = (list(reduced.elementwise), k)
+            elif self.moments_only:  # a VR optimizer's moments, as sums of squares
                 sq_sum = col.elementwise_sq_sum()
                 if world > 1:
-                    flat = torch.cat([t.reshape(-1) for t in sq_sum])
-                    dist.all_reduce(flat, group=process_group)
-                    self.last_collective_bytes += flat.numel() * flat.element_size()
-                    sq_sum = [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in sq_sum]), sq_sum)]
-                layer_gsnr = self._gsnr(grads, k, sq_sum)
+                    sq_sum = self._all_reduce(sq_sum, process_group)
+                self.last_elementwise = (sq_sum, k)
+            elif world == 1:
+                self.last_elementwise = (col.elementwise_sq_sum(), k)
+            if not self.moments_only:
+                self._gsnr(grads, k, world, loss_reduction == "sum", process_group)
         if entry.local:  # the global batch, summed over processes by the fold
             batch = self._batch
-        return self._summary(batch, layer_gsnr, per_layer)
+        return self._summary(batch, per_layer)
 
     def summarize(self, per_layer: bool = False) -> dict[str, float]:
         """The current values without a new step: the pending steps are folded in first (e.g. at
@@ -319,7 +323,7 @@ class GradNoiseTracker:
         collective, like a summarized :meth:`finish_step`. GSNR is not included (it needs a
         step's elementwise moments)."""
         self._fold()
-        return self._summary(self._batch, None, per_layer)
+        return self._summary(self._batch, per_layer)
 
     def _group_sums(self, pending: list[_Pending], sums: Tensor) -> None:
         r"""Write :math:`\sum_j |g_j|^2` per tensor of each step into ``sums`` (``[steps, tensors]``,
@@ -401,13 +405,42 @@ class GradNoiseTracker:
             est = noise_scale_from_moments(sums[usable] / k[usable, None], big[usable], a[usable, None], c[usable, None])
             self.noise_scale.update_many(est.grad_sq, est.trace_cov)
 
-    def _gsnr(self, grads: Sequence[Tensor], k: int, sq_sum: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        self.last_elementwise = (list(sq_sum), k)
-        ratios = [gsnr(g.to(s.dtype), gsnr_variance(s, g.to(s.dtype), k)) for s, g in zip(sq_sum, grads)]
-        self.histograms = {name: r[~torch.isnan(r)].detach().flatten().cpu() for name, r in zip(self.names, ratios)}
-        return gsnr_layer_stats(ratios)
+    def _all_reduce(self, tensors: list[Tensor], process_group: Any) -> list[Tensor]:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=process_group)
+        self.last_collective_bytes += flat.numel() * flat.element_size()
+        return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)]
 
-    def _summary(self, batch: float, layer_gsnr: tuple[Tensor, Tensor] | None, per_layer: bool) -> dict[str, float]:
+    def _gsnr(self, grads: Sequence[Tensor], k: int, world: int, summed_loss: bool, process_group: Any) -> bool:
+        """Fold the step's elementwise moments into the GSNR statistic. Under torch.distributed
+        the processes' centred sums are combined about the reduced mean gradient ``c`` (Chan et
+        al.: :math:`M_2 = \sum_r M_{2,r} + k_r (\bar g_r - c)^2 - k (\bar g - c)^2`), in one
+        parameter-sized all-reduce."""
+        col = self.collector
+        means, m2s, k_local = col.elementwise_moments()
+        inv, _ = size_sums(col.group_sizes)
+        if world > 1:
+            centres = [g.to(m.dtype) for g, m in zip(grads, means)]
+            offsets = torch._foreach_sub(means, centres)
+            parts = torch._foreach_addcmul(m2s, offsets, offsets, value=float(k_local))
+            extra = [torch.tensor([inv], dtype=parts[0].dtype, device=parts[0].device)]
+            if summed_loss:  # .grad is the sample-weighted mean, not the groups' mean: carry the offset
+                extra += list(torch._foreach_mul(offsets, float(k_local)))
+            reduced = self._all_reduce(list(parts) + extra, process_group)
+            m2s, inv = reduced[: len(parts)], float(reduced[len(parts)])
+            if summed_loss:
+                shift = torch._foreach_div(reduced[len(parts) + 1 :], float(k))
+                means = torch._foreach_add(centres, shift)
+                m2s = torch._foreach_addcmul(m2s, shift, shift, value=-float(k))
+            else:
+                means = centres
+        self.last_gsnr_moments = (means, m2s, k, inv)
+        folded = self.gsnr.update(means, m2s, k, inv_size_sum=inv if math.isfinite(inv) and inv > 0 else None)
+        if folded and self._histograms:
+            self.histograms = {name: r[~torch.isnan(r)].flatten().cpu() for name, r in zip(self.names, self.gsnr.ratios())}
+        return folded
+
+    def _summary(self, batch: float, per_layer: bool) -> dict[str, float]:
         out: dict[str, float] = {"batch_size": batch, "skipped_steps": float(self.skipped_steps)}
         layers: dict[str, Tensor] = {}
         if "b_simple" in self.statistics and self.noise_scale.grad_sq.count:
@@ -423,10 +456,12 @@ class GradNoiseTracker:
             v1, m2 = self.temporal.components()
             out["gr_t"] = float(v1.sum() / m2.sum())
             layers["gr_t"] = v1 / m2
-        if layer_gsnr is not None:
-            sums, counts = layer_gsnr
-            out["gsnr"] = float(sums.sum() / counts.sum())
-            layers["gsnr"] = sums / counts
+        if "gsnr" in self.statistics and self.gsnr.count and not self.moments_only:
+            reading = self.gsnr.reading(self.level)
+            for key in ("gsnr", "gsnr_lo", "gsnr_hi"):
+                out[key] = float(reading[key])
+                if f"layer_{key}" in reading:
+                    layers[key] = reading[f"layer_{key}"]
         if per_layer:
             for stat, values in layers.items():
                 for name, value in zip(self.names, values.tolist()):
@@ -445,6 +480,7 @@ class GradNoiseTracker:
             "names": list(self.names),
             "noise_scale": self.noise_scale.state_dict(),
             "temporal": self.temporal.state_dict(),
+            "gsnr": self.gsnr.state_dict(),
             "skipped_steps": self.skipped_steps,
             "steps": self.steps,
         }
@@ -454,6 +490,8 @@ class GradNoiseTracker:
             raise ValueError("the checkpoint's gradient-noise state is for other parameters: " f"{state['names'][:3]}...")
         self.noise_scale.load_state_dict(state["noise_scale"])
         self.temporal.load_state_dict(state["temporal"], device=self.collector.params[0].device)
+        if "gsnr" in state:  # (absent from checkpoints saved before the GSNR was smoothed)
+            self.gsnr.load_state_dict(state["gsnr"], device=self.collector.params[0].device)
         self.skipped_steps = int(state["skipped_steps"])
         device = self.collector.params[0].device
         self._pending = [_loaded_entry(e, device) for e in state.get("pending", [])]

@@ -27,6 +27,8 @@ _WHERE = {
     "GradientNoiseScale": "_noise_scale",
     "gsnr": "_gsnr",
     "gsnr_layer_stats": "_gsnr",
+    "gsnr_moments": "_gsnr_stat",
+    "GSNRStatistic": "_gsnr_stat",
     "gsnr_scale": "_gsnr",
     "gsnr_scale_many": "_gsnr",
     "gsnr_variance": "_gsnr",
