@@ -81,11 +81,12 @@ def test_gsnr_scale_normalizes_per_layer_and_clamps() -> None:
         gsnr_scale(r, gamma=0.0)
 
 
-def test_flat_many_tensor_scaling_equals_per_tensor_definition() -> None:
+@pytest.mark.parametrize("k", [8, 16])
+def test_flat_many_tensor_scaling_equals_per_tensor_definition(k: int) -> None:
+    """From 8 groups the default is VRGD's Eq. 9 exactly: the layer mean."""
     from lightning_gradnoise.stats import gsnr_scale_many
 
     torch.manual_seed(3)
-    k = 4
     groups = [torch.randn(k, 3, 5, dtype=torch.float64), torch.randn(k, 7, dtype=torch.float64), torch.zeros(k, 2, dtype=torch.float64)]
     grads = [gj.mean(0) for gj in groups]
     sq = [gj.square().sum(0) for gj in groups]
@@ -94,3 +95,25 @@ def test_flat_many_tensor_scaling_equals_per_tensor_definition() -> None:
         want = gsnr_scale(gsnr(g, gsnr_variance(s, g, k)), gamma=0.1)
         assert torch.allclose(f, want, rtol=1e-12)
     assert torch.equal(flat[2], torch.ones(2, dtype=torch.float64))  # no noise: factor 1
+
+
+def test_below_eight_groups_the_layer_median_keeps_the_factors_off_the_floor() -> None:
+    """k = 2, 1000 elements of one layer with the same true GSNR: one step's g^2/sigma^2 has an
+    infinite mean, so the layer mean is set by a few elements and most factors land on gamma
+    (the learning rate cut by 10); the median keeps half of them at 1."""
+    from lightning_gradnoise.stats import gsnr_scale_many
+
+    gen = torch.Generator().manual_seed(0)
+    k, n = 2, 1000
+    groups = 0.3 + torch.randn(k, n, generator=gen, dtype=torch.float64)  # GSNR per group 0.09
+    grads, sq = [groups.mean(0)], [groups.square().sum(0)]
+    by_mean = gsnr_scale_many(grads, sq, k, gamma=0.1, normalizer="mean")[0]
+    by_median = gsnr_scale_many(grads, sq, k, gamma=0.1)[0]  # auto: the median below 8 groups
+    assert float((by_mean == 0.1).double().mean()) > 0.6
+    assert float(by_mean.mean()) < 0.3
+    assert float((by_median == 1.0).double().mean()) == pytest.approx(0.5, abs=0.01)
+    assert float(by_median.mean()) > 0.6
+    # at 8 groups and more, "auto" is the paper's mean
+    groups8 = 0.3 + torch.randn(8, n, generator=gen, dtype=torch.float64)
+    args = ([groups8.mean(0)], [groups8.square().sum(0)], 8)
+    assert torch.equal(gsnr_scale_many(*args)[0], gsnr_scale_many(*args, normalizer="mean")[0])

@@ -299,7 +299,8 @@ class LRAdapter(CallbackBase):
         # a negative B_simple is |G|^2 not yet resolved from zero: no ratio to set a target from
         mu_over_b = b_simple / batch_size if b_simple >= 0 and batch_size > 0 else math.nan
         age = self.monitor.tracker.temporal.count if self.monitor.tracker is not None else None
-        decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step, mu_over_b, age)
+        interval = (latest["gr_t_lo"], latest["gr_t_hi"]) if "gr_t_lo" in latest else None
+        decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step, mu_over_b, age, interval)
         new_scale, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
         if not changed:
             return

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from lightning_gradnoise.callbacks._monitor import GradNoiseMonitor, MisconfigurationError
+from lightning_gradnoise.stats import SMALL_K
 
 __all__ = ["VRMoments"]
 
@@ -36,6 +38,17 @@ class VRMoments(GradNoiseMonitor):
             raise MisconfigurationError(
                 f"VRMoments feeds VR optimizers, but {missing} has no set_moments(); use create_optimizer('vr_adam', ...) "
                 "(or another vr_* name) in configure_optimizers, or drop the VRMoments callback."
+            )
+        k = trainer.world_size * trainer.accumulate_grad_batches
+        if k < SMALL_K and trainer.is_global_zero:
+            warnings.warn(
+                f"VR optimizers with k = {k} gradient groups per step ({trainer.world_size} device(s) x "
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}): each element's variance has only "
+                f"{k - 1} degree(s) of freedom, so its GSNR is mostly noise. Below {SMALL_K} groups each layer's "
+                "ratios are divided by their median instead of their mean (VRGD uses k >= 8); for the paper's "
+                f"algorithm use {SMALL_K}+ groups (more devices or accumulation micro-batches).",
+                UserWarning,
+                stacklevel=2,
             )
         super().on_train_start(trainer, pl_module)
 

@@ -453,9 +453,10 @@ class GradNoiseTracker:
                 else:
                     layers.update(values)
         if "gr_t" in self.statistics and self.temporal.count:
-            v1, m2 = self.temporal.components()
-            out["gr_t"] = float(v1.sum() / m2.sum())
-            layers["gr_t"] = v1 / m2
+            reading = self.temporal.reading(self.level)
+            for key in ("gr_t", "gr_t_lo", "gr_t_hi"):
+                out[key] = float(reading[key])
+                layers[key] = reading[f"layer_{key}"]
         if "gsnr" in self.statistics and self.gsnr.count and not self.moments_only:
             reading = self.gsnr.reading(self.level)
             for key in ("gsnr", "gsnr_lo", "gsnr_hi"):

@@ -244,7 +244,8 @@ class LRController:
         self.cooldown = check_int("cooldown", self.cooldown, low=0)
         self.last_change = check_int("last_change", self.last_change, low=0)
 
-    def decide(self, gr_t: float, scale: float, step: int, mu_over_b: float | None = None, age: int | None = None) -> Decision:
+    def decide(self, gr_t: float, scale: float, step: int, mu_over_b: float | None = None, age: int | None = None,
+               interval: tuple[float, float] | None = None) -> Decision:
         r"""The multiplier for the next steps, from the current :math:`GR_T` (and, for
         ``target="auto"``, :math:`r = B_\text{simple}/B`).
 
@@ -254,7 +255,11 @@ class LRController:
         target is scaled by :math:`n_t / n_\infty` (:func:`~lightning_gradnoise.stats.ema_effective_steps`),
         the noise-dominated limit where :math:`GR_T` near its target lives. Without it, early
         decisions raise the learning rate on a reading that says nothing about it. A NaN
-        ``gr_t`` means no estimate yet."""
+        ``gr_t`` means no estimate yet.
+
+        ``interval``, :math:`GR_T`'s ``(low, high)``: the rate then moves only when the whole
+        interval lies outside the tolerance band around the target (above it to lower the rate,
+        below it to raise it); an unbounded or NaN interval says nothing yet."""
         gr_t = check_number("gr_t", gr_t, low=0, finite=False, nan_ok=True)
         scale = check_number("scale", scale, low=0, low_open=True)
         check_int("step", step, low=0)
@@ -262,6 +267,8 @@ class LRController:
             check_number("mu_over_b", mu_over_b, low=0, finite=False, nan_ok=True)
         if age is not None:
             check_int("age", age, low=0)
+        if interval is not None:
+            interval = tuple(check_numbers("interval", interval, length=2, low=0, finite=False, nan_ok=True))  # type: ignore[assignment]
         if not math.isfinite(gr_t) or gr_t <= 0:
             return Decision(scale, False, "no GR_T estimate yet")
         if step - self.last_change < self.cooldown:
@@ -274,10 +281,16 @@ class LRController:
             target = float(self.target)
         if age is not None:
             target *= ema_effective_steps(self.beta, max(int(age), 1)) / ema_effective_steps(self.beta)
-        if gr_t > target * self.tolerance:
-            why = f"GR_T {gr_t:.1f} above {target:.3g}: lower the learning rate"
-        elif gr_t < target / self.tolerance:
-            why = f"GR_T {gr_t:.1f} below {target:.3g}: raise the learning rate"
+        shown = f"GR_T {gr_t:.1f}" + (f" (interval {interval[0]:.3g}-{interval[1]:.3g})" if interval else "")
+        if interval is not None and not all(math.isfinite(v) for v in interval):
+            return Decision(scale, False, f"{shown}: the interval is not bounded yet")
+        high, low = target * self.tolerance, target / self.tolerance
+        if gr_t > high and (interval is None or interval[0] > high):
+            why = f"{shown} above {target:.3g}: lower the learning rate"
+        elif gr_t < low and (interval is None or interval[1] < low):
+            why = f"{shown} below {target:.3g}: raise the learning rate"
+        elif interval is not None and not (low <= gr_t <= high):
+            return Decision(scale, False, f"{shown}: the interval reaches into {low:.3g}-{high:.3g}, wait")
         else:
             return Decision(scale, False, f"GR_T {gr_t:.1f} near {target:.3g}")
         factor = min(max((target / gr_t) ** self.gain, 1 / self.step_factor), self.step_factor)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gradnoise._validate import check_callable, check_number, check_optional, fail
+from lightning_gradnoise._validate import check_callable, check_choice, check_number, check_optional, fail
 from lightning_gradnoise.optim._checks import check_lr, check_params
 from lightning_gradnoise.optim._lamb_lars import call_closure
 from lightning_gradnoise.stats import gsnr_scale_many
@@ -40,17 +40,21 @@ class GSNRScaling:
     Args:
         gamma: lower clamp :math:`\gamma` in ``(0, 1]`` (0.1 in the paper).
         beta3: GSNR momentum in ``[0, 1)``, or ``None`` for none (VR-SGD).
+        normalizer: what each layer's ratios are divided by: ``"auto"`` (the layer mean, as in
+            VRGD, from 8 groups; the median below, where the mean is set by a few elements:
+            :func:`~lightning_gradnoise.stats.gsnr_scale_many`), ``"mean"`` or ``"median"``.
 
     Examples:
         >>> g = [torch.tensor([1.0, 0.1, 0.5])]; sq = [torch.tensor([2.5, 0.5, 0.5])]   # k = 2
-        >>> GSNRScaling(gamma=0.1, beta3=None).apply(g, sq, k=2, state=[{}])
+        >>> GSNRScaling(gamma=0.1, beta3=None, normalizer="mean").apply(g, sq, k=2, state=[{}])
         >>> g[0]   # GSNR 4 and 0.04 (mean 2.02: factors 1 and 0.1); no noise on the third: 1
         tensor([1.0000, 0.0100, 0.5000])
     """
 
-    def __init__(self, gamma: float = 0.1, beta3: Optional[float] = 0.9) -> None:
+    def __init__(self, gamma: float = 0.1, beta3: Optional[float] = 0.9, normalizer: str = "auto") -> None:
         self.gamma = check_number("gamma", gamma, low=0, low_open=True, high=1)
         self.beta3 = check_optional(check_number, "beta3", beta3, low=0, high=1, high_open=True)
+        self.normalizer = check_choice("normalizer", normalizer, ("auto", "mean", "median"))
 
     def apply(self, grads: Sequence[Tensor], sq_sums: Sequence[Tensor], k: int, state: Sequence[dict]) -> None:
         """Scale ``grads`` in place (each tensor is one layer for the normalization)."""
@@ -59,7 +63,7 @@ class GSNRScaling:
         grads, sq_sums = list(grads), list(sq_sums)
         if not grads:
             return
-        factors = gsnr_scale_many(grads, sq_sums, k, self.gamma)
+        factors = gsnr_scale_many(grads, sq_sums, k, self.gamma, self.normalizer)
         if self.beta3 is not None and self.gamma < 1.0:  # gamma = 1: every factor is exactly 1
             for st, r in zip(state, factors):
                 if "gsnr_avg" not in st:
@@ -96,16 +100,17 @@ def vr_optimizer_class(base: type[Optimizer], name: str, beta3_default: Optional
 
     class VR(base):  # type: ignore[misc, valid-type]
         def __init__(self, params, *args: Any, gamma: float = 0.1, beta3: Optional[float] = beta3_default,
-                     moment_source: Optional[MomentSource] = None, **kwargs: Any) -> None:
+                     moment_source: Optional[MomentSource] = None, normalizer: str = "auto", **kwargs: Any) -> None:
             params = check_params(params)
             if "lr" in kwargs or args:
                 check_lr(kwargs["lr"] if "lr" in kwargs else args[0])
             check_optional(check_callable, "moment_source", moment_source)
-            self.scaling = GSNRScaling(gamma, beta3)
+            self.scaling = GSNRScaling(gamma, beta3, normalizer)
             super().__init__(params, *args, **kwargs)
             for group in self.param_groups:
                 group.setdefault("gamma", gamma)
                 group.setdefault("beta3", beta3)
+                group.setdefault("normalizer", normalizer)
             self.moment_source = moment_source
             self._moments: Optional[tuple[Sequence[Tensor], int]] = None
             self._skip = False
@@ -179,7 +184,7 @@ def vr_optimizer_class(base: type[Optimizer], name: str, beta3_default: Optional
                         todo.append((p.grad, sq_sums[i], self.gsnr_state.setdefault(i, {})))
                 if todo:
                     grads, sums, states = zip(*todo)
-                    GSNRScaling(group["gamma"], group["beta3"]).apply(grads, sums, k, states)
+                    GSNRScaling(group["gamma"], group["beta3"], group.get("normalizer", "auto")).apply(grads, sums, k, states)
             super().step()
             return loss
 

@@ -32,6 +32,7 @@ _WHERE = {
     "gsnr_scale": "_gsnr",
     "gsnr_scale_many": "_gsnr",
     "gsnr_variance": "_gsnr",
+    "SMALL_K": "_gsnr",
     "mu_from_gr_s_groups": "_redundancy",
     "noise_scale_compute": "_noise_scale",
     "noise_scale_from_moments": "_noise_scale",

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from lightning_gradnoise._validate import check_number, fail
+from lightning_gradnoise._validate import check_choice, check_number, fail
 
-__all__ = ["gsnr_variance", "gsnr", "gsnr_layer_stats", "gsnr_scale", "gsnr_scale_many"]
+__all__ = ["gsnr_variance", "gsnr", "gsnr_layer_stats", "gsnr_scale", "gsnr_scale_many", "SMALL_K"]
 
 _K_TEXT = "a whole number >= 2: GSNR needs at least 2 gradient groups (devices x accumulation micro-batches)"
 
@@ -106,18 +106,35 @@ def gsnr_scale(ratio: Tensor, gamma: float = 0.1) -> Tensor:
     return normalized.clamp_(gamma, 1.0)
 
 
-def gsnr_scale_many(grads: Sequence[Tensor], sq_sums: Sequence[Tensor], k: int, gamma: float = 0.1) -> list[Tensor]:
+SMALL_K = 8
+"""Below this many groups :func:`gsnr_scale_many` normalizes by the layer median (VRGD uses k >= 8)."""
+
+
+def gsnr_scale_many(grads: Sequence[Tensor], sq_sums: Sequence[Tensor], k: int, gamma: float = 0.1,
+                    normalizer: str = "auto") -> list[Tensor]:
     r""":func:`gsnr_scale` of :func:`gsnr` of :func:`gsnr_variance` for several tensors (layers)
     at once: one flat pass with a segment mean per tensor, instead of a dozen small operations per
     tensor. Same definition: elements without noise get factor 1, a layer's mean is over its
     defined ratios.
 
+    ``normalizer`` chooses what each layer's ratios are divided by before the clamp: ``"mean"``
+    (VRGD Eq. 9, Algorithm 1/3), ``"median"``, or ``"auto"`` (default): the mean from
+    :data:`SMALL_K` = 8 groups, the median below. With few groups :math:`\sigma^2` has
+    :math:`k - 1` degrees of freedom and :math:`g^2/\sigma^2` a heavy right tail (its mean is
+    infinite at k = 2 and 3): the layer mean is then set by a few elements, and dividing by it
+    pushes most factors down to :math:`\gamma`, a learning rate cut by up to :math:`1/\gamma`. The
+    median is finite at any k and keeps about half the factors at 1.
+
     Examples:
-        >>> gsnr_scale_many([torch.tensor([1.0, 0.1, 0.5])], [torch.tensor([2.5, 0.5, 0.5])], k=2)[0]
+        >>> grads, sq_sums = [torch.tensor([1.0, 0.1, 0.5])], [torch.tensor([2.5, 0.5, 0.5])]   # k = 2
+        >>> gsnr_scale_many(grads, sq_sums, k=2, normalizer="mean")[0]   # GSNR 4, 0.04, none: mean 2.02
         tensor([1.0000, 0.1000, 1.0000])
+        >>> gsnr_scale_many(grads, sq_sums, k=2)[0]                      # k < 8: the median, 0.04
+        tensor([1., 1., 1.])
     """
     _groups(k)
     _gamma(gamma)
+    check_choice("normalizer", normalizer, ("auto", "mean", "median"))
     grads, sq_sums = _tensor_list("grads", grads), _tensor_list("sq_sums", sq_sums)
     if len(sq_sums) != len(grads) or not grads:
         fail("sq_sums", f"<{len(sq_sums)} tensors>", f"one tensor per gradient ({len(grads)}), at least one")
@@ -132,8 +149,13 @@ def gsnr_scale_many(grads: Sequence[Tensor], sq_sums: Sequence[Tensor], k: int, 
     valid = var > 0
     r = torch.where(valid, g2 / torch.where(valid, var, torch.ones_like(var)), torch.zeros_like(var))
     seg = torch.repeat_interleave(torch.arange(len(sizes), device=g.device), torch.tensor(sizes, device=g.device))
-    sums = torch.zeros(len(sizes), dtype=dtype, device=g.device).index_add_(0, seg, r)
-    counts = torch.zeros(len(sizes), dtype=dtype, device=g.device).index_add_(0, seg, valid.to(dtype))
-    mean = (sums / counts.clamp_min(1.0))[seg]
+    if normalizer == "median" or (normalizer == "auto" and k < SMALL_K):
+        masked = torch.where(valid, r, torch.full_like(r, float("nan")))
+        centre = torch.stack([part.nanmedian() for part in masked.split(sizes)]).nan_to_num_(0.0)
+    else:
+        sums = torch.zeros(len(sizes), dtype=dtype, device=g.device).index_add_(0, seg, r)
+        counts = torch.zeros(len(sizes), dtype=dtype, device=g.device).index_add_(0, seg, valid.to(dtype))
+        centre = sums / counts.clamp_min(1.0)
+    mean = centre[seg]
     out = torch.where(valid & (mean > 0), r / torch.where(mean > 0, mean, torch.ones_like(mean)), torch.ones_like(r))
     return [t.view_as(x) for t, x in zip(out.clamp_(gamma, 1.0).split(sizes), grads)]

@@ -201,6 +201,11 @@ class TemporalRedundancy:
         self.rejected = 0
         self.m: list[Tensor] = []
         self.v: list[Tensor] = []
+        from lightning_gradnoise.stats._interval import EMAMoments
+
+        # per tensor and whole: each step's |g|^2 (its EMA is |v_hat|_1) and m_hat . g (its EMA
+        # is |m_hat|^2 to first order), under the same weights: their spread gives the interval
+        self.spread = EMAMoments(self.beta)
 
     def update(self, grads: Sequence[Tensor], checked: bool = False) -> bool:
         """Fold in one step's gradients; a step with any non-finite element is refused whole.
@@ -224,7 +229,50 @@ class TemporalRedundancy:
         torch._foreach_mul_(self.v, self.beta)
         torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - self.beta)
         self.count += 1
+        corr = 1.0 - self.beta**self.count
+        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads])
+        dots = torch.stack([torch.dot(m.reshape(-1).to(torch.float64), g.reshape(-1).to(torch.float64)) for m, g in zip(self.m, grads)]) / corr
+        self.spread.update_many(torch.cat([sq, sq.sum().view(1)]).view(1, -1), torch.cat([dots, dots.sum().view(1)]).view(1, -1))
         return True
+
+    def reading(self, level: float = 0.9) -> dict[str, Tensor]:
+        r"""``gr_t`` with its ``level`` interval (``gr_t_lo``, ``gr_t_hi``), whole model, and
+        ``layer_gr_t`` (``_lo``, ``_hi``) per tensor, float64.
+
+        :math:`GR_T = A/B` with :math:`A = |\hat v|_1 = \sum_t w_t |g_t|^2` and, to first order,
+        :math:`B = |\hat m|^2 = \sum_t w_t\, \hat m\cdot g_t`, both means under the EMA's weights
+        :math:`w_t`: Fieller's interval for their ratio (:func:`~lightning_gradnoise.stats.fieller_interval`),
+        with :math:`\mathrm{Var}[B] = 4\,\mathrm{Var}[\overline{\hat m\cdot g}]`. At a fixed point
+        it covers :math:`\mathbb E[A]/\mathbb E[B]` (:func:`gr_t_frozen` for a frozen model);
+        while the model moves, the steps' drift widens it. Unbounded (``inf``) while :math:`B` is
+        not resolved from zero."""
+        from lightning_gradnoise.stats._interval import fieller_interval, t_quantile
+
+        level = check_number("level", level, low=0, low_open=True, high=1, high_open=True)
+        v1, m2 = self.components()
+        num = torch.cat([v1, v1.sum().view(1)])
+        den = torch.cat([m2, m2.sum().view(1)])
+        values = num / den
+        vx, vy, cxy = self.spread.mean_covariance()
+        n = self.spread.effective_steps()
+        if self.count < 2 or not n > 1:
+            lo, hi = torch.full_like(values, float("nan")), torch.full_like(values, float("nan"))
+        else:
+            t = t_quantile(level, max(n - 1.0, 1.0))
+            # B = |G + e|^2 with e the EMA of the noise: Var[B] = 4 G'Sigma_e G + 2 tr(Sigma_e^2).
+            # The spread of m_hat . g_t measures m_hat'Sigma m_hat, which exceeds G'Sigma G by
+            # tr(Sigma^2)/n: so Var[B] = 4 vy - 2 tr(Sigma^2)/n^2, tr(Sigma^2) from the EMAs' own
+            # elementwise variances v_hat - m_hat^2 (bias-corrected)
+            corr = 1.0 - self.beta**self.count
+            tr2 = torch.stack([((v / corr - (m / corr).square()).clamp_min(0.0).to(torch.float64) * n / (n - 1)).square().sum()
+                               for m, v in zip(self.m, self.v)])
+            tr2 = torch.cat([tr2, tr2.sum().view(1)])
+            v_den = (4.0 * vy.view(-1) - 2.0 * tr2 / n**2).clamp_min(0.0)
+            lo, hi = fieller_interval(num, den, vx.view(-1), v_den, 2.0 * cxy.view(-1), t)
+            lo = lo.clamp_min(1.0)  # |v_hat|_1 >= |m_hat|^2 always (Cauchy-Schwarz on the EMA)
+        out = {"gr_t": values[-1], "gr_t_lo": lo[-1], "gr_t_hi": hi[-1]}
+        out.update({"layer_gr_t": values[:-1], "layer_gr_t_lo": lo[:-1], "layer_gr_t_hi": hi[:-1]})
+        return out
 
     def components(self) -> tuple[Tensor, Tensor]:
         r"""Per tensor :math:`|\hat v|_1` and :math:`|\hat m|^2` (float64, one entry per tensor)."""
@@ -250,6 +298,7 @@ class TemporalRedundancy:
             "rejected": self.rejected,
             "m": [t.clone() for t in self.m],
             "v": [t.clone() for t in self.v],
+            "spread": self.spread.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
@@ -258,3 +307,8 @@ class TemporalRedundancy:
         self.rejected = int(state["rejected"])
         self.m = [t.clone().to(device) if device is not None else t.clone() for t in state["m"]]
         self.v = [t.clone().to(device) if device is not None else t.clone() for t in state["v"]]
+        from lightning_gradnoise.stats._interval import EMAMoments
+
+        self.spread = EMAMoments(self.beta)
+        if "spread" in state:  # (absent from checkpoints saved before GR_T had an interval)
+            self.spread.load_state_dict(state["spread"])

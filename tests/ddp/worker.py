@@ -54,8 +54,40 @@ def main() -> None:
                 self.seen = monitor.latest
                 rows.append(dict(monitor.latest, step=trainer.global_step))
 
+    reference_rows: list[dict] = []
+
+    class Reference(L.Callback):
+        """Scenario gsnr: the logged GSNR's definition in float64 from every rank's groups (each
+        group's gradient computed exactly from its batch), gathered over ranks."""
+
+        def __init__(self) -> None:
+            from lightning_gradnoise.stats import GSNRStatistic
+
+            self.stat = GSNRStatistic(decay=float(opts.get("decay", 0.999)), dtype=torch.float64)
+            self.groups: list[torch.Tensor] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x, y = (t.double() for t in batch)
+            w = truth.w0.double()
+            self.groups.append(x.T @ (x @ w - y) / len(y))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            import torch.distributed as dist
+
+            local = torch.stack(self.groups)
+            self.groups = []
+            gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, local)
+            groups = torch.cat(gathered)
+            mean = groups.mean(0)
+            k = groups.shape[0]
+            self.stat.update([mean], [(groups - mean).square().sum(0)], k, inv_size_sum=k / int(opts.get("batch", 16)))
+            reference_rows.append({"step": trainer.global_step, "gsnr": float(self.stat.reading()["gsnr"])})
+
     monitor = GradNoiseMonitor(statistics=statistics, log_every_n_steps=int(opts.get("every", 1)), ema_decay=float(opts.get("decay", 0.999)), loss_reduction=opts.get("reduction", "mean"))
     callbacks = [Record(), monitor, Rows()] if opts.get("monitor", "1") == "1" else []
+    if scenario == "gsnr":
+        callbacks.append(Reference())
     kw: dict = {}
     if opts.get("hook") == "fp16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -122,6 +154,7 @@ def main() -> None:
     out = {
         "rank": trainer.global_rank,
         "rows": rows,
+        "reference_rows": reference_rows,
         "records": records,
         "weight": model.lin.weight.detach().flatten().tolist(),
         "pack_limit": getattr(getattr(trainer.strategy, "gradnoise", None), "pack_limit", None),
