@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -12,6 +13,13 @@ from lightning_gradnoise.callbacks._compat import CallbackBase, extract_batch_si
 from lightning_gradnoise.callbacks._logging import log_histograms, log_scalars
 
 __all__ = ["GradNoiseMonitor", "MisconfigurationError"]
+
+
+def _sharded(trainer: Any) -> bool:
+    """Whether the Trainer shards gradients in a way per-example capture measures (FSDP2 through
+    ``ModelParallelStrategy``)."""
+    mp = getattr(namespace_of(trainer).strategies, "ModelParallelStrategy", None)
+    return mp is not None and isinstance(trainer.strategy, mp)
 
 
 class MisconfigurationError(ValueError):
@@ -31,12 +39,22 @@ class GradNoiseMonitor(CallbackBase):
       [0.5, 0.65];
     - ``gr_t`` :math:`= |\hat v|_1/|\hat m|^2` (GR-Gauge Def. 1), ideal near 20; costs two
       parameter-sized buffers and one multi-tensor update per step;
-    - ``gsnr``: mean elementwise :math:`g^2/\sigma^2` (VRGD Eq. 2); costs one parameter-sized buffer
-      of elementwise moments, filled only on the steps that are logged;
+    - ``gsnr``: the per-sample GSNR :math:`G_i^2/\rho_i^2` (VRGD Eq. 2) averaged over elements and
+      smoothed over the logged steps (:class:`~lightning_gradnoise.stats.GSNRStatistic`); costs four
+      parameter-sized buffers, filled only on the steps that are logged;
     - ``batch_size`` (the global :math:`B`), ``skipped_steps`` (steps with non-finite gradients
       or an empty micro-batch: skipped whole and counted).
 
-    Each of ``b_simple``, ``grad_sq``, ``trace_cov`` and ``gr_s`` comes with its two-sided
+    The groups are, by default (``capture="auto"``), the step's devices x micro-batches when there
+    are at least two, and otherwise each example of the batch (``capture="per_example"``: every
+    example's gradient norm from its layers' inputs and output gradients,
+    :class:`~lightning_gradnoise.capture.PerExampleCollector`). Per example, the parameters of
+    module types it does not cover are left out (listed in a warning at the start; the covered
+    fraction of parameters is logged as ``coverage``) and GSNR is not measured (it needs two
+    groups). Sharded training (Lightning's ``ModelParallelStrategy`` with FSDP2) is measured per
+    example.
+
+    Each of ``b_simple``, ``grad_sq``, ``trace_cov``, ``gr_s``, ``gr_t`` and ``gsnr`` comes with its two-sided
     ``level`` interval as ``<key>_lo`` and ``<key>_hi`` (:meth:`GradientNoiseScale.reading
     <lightning_gradnoise.stats.GradientNoiseScale.reading>`). While :math:`|G|^2` is not resolved
     from zero, ``b_simple`` and ``gr_s`` and their intervals are NaN: not determined yet, rather
@@ -58,6 +76,7 @@ class GradNoiseMonitor(CallbackBase):
             ``"sum"`` if it sums; the group's mean gradient is recovered either way.
         batch_size_fn: ``batch -> number of samples``; by default Lightning's own rule.
         level: the two-sided level of the logged intervals, in ``(0, 1)`` (0.9 by default).
+        capture: ``"auto"``, ``"groups"`` or ``"per_example"`` (see above).
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -75,8 +94,10 @@ class GradNoiseMonitor(CallbackBase):
         loss_reduction: str = "mean",
         batch_size_fn: Callable[[Any], int] | None = None,
         level: float = 0.9,
+        capture: str = "auto",
     ) -> None:
         self.statistics = parse_statistics(statistics)
+        self.capture = check_choice("capture", capture, ("auto", "groups", "per_example"))
         self.level = check_number("level", level, low=0, low_open=True, high=1, high_open=True)
         log_every_n_steps = check_optional(check_int, "log_every_n_steps", log_every_n_steps, low=1)
         check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
@@ -105,6 +126,7 @@ class GradNoiseMonitor(CallbackBase):
         self._last_logged = -1
         self._empty_step = False
         self.log_results = True
+        self._per_example = False
 
     @property
     def state_key(self) -> str:
@@ -135,18 +157,31 @@ class GradNoiseMonitor(CallbackBase):
             )
         strategy = trainer.strategy
         ddp = ns.strategies.DDPStrategy
-        if not isinstance(strategy, (ddp, ns.strategies.SingleDeviceStrategy)):
+        sharded = _sharded(trainer)
+        if not (isinstance(strategy, (ddp, ns.strategies.SingleDeviceStrategy)) or sharded):
             raise MisconfigurationError(
-                f"GradNoiseMonitor does not support strategy {type(strategy).__name__}: it needs whole "
-                "(unsharded) gradients on every device. Use strategy='gnddp' (or 'ddp') or a single device."
+                f"GradNoiseMonitor does not support strategy {type(strategy).__name__}. Use strategy='gnddp' (or "
+                "'ddp') or a single device; for sharded training, Lightning's ModelParallelStrategy with "
+                "fully_shard (FSDP2) in configure_model."
+            )
+        if sharded and self.capture == "groups":
+            raise MisconfigurationError(
+                "GradNoiseMonitor(capture='groups') needs whole gradients on every device, and "
+                f"{type(strategy).__name__} shards them: use capture='auto' or 'per_example' (per-example norms "
+                "are computed from each device's own layer inputs and output gradients)."
+            )
+        if sharded and "gr_t" in self.statistics:
+            raise MisconfigurationError(
+                "GradNoiseMonitor cannot measure 'gr_t' under sharded training yet (its elementwise EMAs would "
+                "need the whole gradient): leave 'gr_t' out of statistics."
             )
         k = trainer.world_size * trainer.accumulate_grad_batches
-        if needs_groups(self.statistics) and k < 2:
+        if needs_groups(self.statistics) and k < 2 and self.capture == "groups":
             raise MisconfigurationError(
-                f"GradNoiseMonitor({sorted(self.statistics)}) needs at least 2 gradient groups per step, "
-                f"and this Trainer has {trainer.world_size} device(s) x accumulate_grad_batches="
-                f"{trainer.accumulate_grad_batches}. Set Trainer(accumulate_grad_batches=4) (any value >= 2), "
-                "or train on 2+ devices with strategy='gnddp', or measure only statistics=('gr_t',)."
+                f"GradNoiseMonitor({sorted(self.statistics)}, capture='groups') needs at least 2 gradient groups "
+                f"per step, and this Trainer has {trainer.world_size} device(s) x accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches}. Use capture='auto' (each example is a group), set "
+                "Trainer(accumulate_grad_batches=4), or train on 2+ devices with strategy='gnddp'."
             )
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -170,15 +205,20 @@ class GradNoiseMonitor(CallbackBase):
         # collector: a consumer of elementwise moments on every step if there is one; any other
         # (a second monitor, a monitor beside VRMoments) reads .grad itself.
         comm = getattr(trainer.strategy, "gradnoise", None)
-        usable = comm is not None and comm.registered and comm.collector is None
+        self._per_example = self.uses_per_example(trainer)
+        usable = comm is not None and comm.registered and comm.collector is None and not self._per_example
         self._comm = comm if usable and (self._wants_packing(trainer) or not comm.pack_requested) else None
+        statistics = self.statistics
+        if self._per_example:
+            statistics = self._per_example_statistics(trainer, pl_module)
         self.tracker = GradNoiseTracker(
-            pl_module.named_parameters(),
-            self.statistics,
+            pl_module if self._per_example else pl_module.named_parameters(),
+            statistics,
             ema_decay=self.ema_decay,
             gr_t_beta=self.gr_t_beta,
-            mode=self.capture_mode(trainer),
+            mode="hooks" if self._per_example else self.capture_mode(trainer),
             level=self.level,
+            capture="per_example" if self._per_example else "groups",
         ).attach()
         self.tracker._histograms = self.histograms
         self.tracker.moments_only = self._moments_only
@@ -189,14 +229,51 @@ class GradNoiseMonitor(CallbackBase):
             self._comm.bind(self.tracker.collector)
         self._accumulate = trainer.accumulate_grad_batches
 
+    def uses_per_example(self, trainer: Any) -> bool:
+        """Whether this Trainer is measured per example: asked for, or (``capture="auto"``) one
+        gradient group per step, or sharded gradients."""
+        if self.capture != "auto":
+            return self.capture == "per_example"
+        return trainer.world_size * trainer.accumulate_grad_batches < 2 or _sharded(trainer)
+
+    def _per_example_statistics(self, trainer: Any, pl_module: Any) -> frozenset[str]:
+        from lightning_gradnoise.capture import uncovered_parameters
+
+        left = uncovered_parameters(pl_module)
+        if left and trainer.is_global_zero:
+            total = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            shown = ", ".join(f"{name} ({n})" for name, n in left[:8]) + (" ..." if len(left) > 8 else "")
+            warnings.warn(
+                f"GradNoiseMonitor measures per example and cannot see {len(left)} trainable parameter tensor(s) "
+                f"({sum(n for _, n in left)} of {total} parameters), held by module types other than "
+                f"Linear, Embedding, LayerNorm, RMSNorm, Conv1d and Conv2d: {shown}. They are left out; "
+                "gradnoise/coverage logs the covered fraction. With accumulate_grad_batches >= 2 (or 2+ "
+                "devices) capture='groups' measures every parameter.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if "gsnr" in self.statistics:
+            if trainer.is_global_zero:
+                warnings.warn(
+                    "GradNoiseMonitor measures per example here (one gradient group per step), and GSNR needs at "
+                    "least 2 groups: it is not logged. Set accumulate_grad_batches >= 2 (or train on 2+ devices) "
+                    "to measure it.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return self.statistics - {"gsnr"}
+        return self.statistics
+
     def capture_mode(self, trainer: Any) -> str:
         """How the collector sees each group's gradient on this Trainer (see GradientMomentCollector).
 
-        One process: ``"swap"`` (no per-tensor hook). Under DDP without accumulation:
+        Per example: ``"per_example"``. One process: ``"swap"`` (no per-tensor hook). Under DDP without accumulation:
         ``"external"`` when ``gnddp``'s communication hook reads DDP's buckets, otherwise
         ``"final"`` (``.grad`` read once at the end of backward, before DDP writes the averaged
         gradient back), or ``"hooks"`` with ``gradient_as_bucket_view=True``. With accumulation
         under DDP: ``"hooks"``, since DDP's reducer owns ``.grad`` in backward."""
+        if self._per_example:
+            return "per_example"
         if self._comm is not None:
             return "external" if trainer.accumulate_grad_batches == 1 else "hooks"
         strategy = trainer.strategy

@@ -3,6 +3,7 @@
 from lightning_gradnoise.capture._collector import GradientMomentCollector
 from lightning_gradnoise.capture._comm import PACK_LIMIT, GradNoiseCommState, ReducedMoments, gradnoise_comm_hook
 from lightning_gradnoise.capture._dist import destroy_process_group
+from lightning_gradnoise.capture._per_example import SUPPORTED_MODULES, PerExampleCollector, uncovered_parameters
 from lightning_gradnoise.capture._tracker import STATISTICS, GradNoiseTracker, needs_groups, parse_statistics
 
 __all__ = [
@@ -11,9 +12,12 @@ __all__ = [
     "GradNoiseCommState",
     "GradNoiseTracker",
     "GradientMomentCollector",
+    "PerExampleCollector",
+    "SUPPORTED_MODULES",
     "ReducedMoments",
     "destroy_process_group",
     "gradnoise_comm_hook",
     "needs_groups",
     "parse_statistics",
+    "uncovered_parameters",
 ]

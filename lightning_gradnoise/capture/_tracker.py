@@ -7,12 +7,13 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gradnoise._validate import check_bool, check_choice, check_number, fail
 from lightning_gradnoise.capture._collector import GradientMomentCollector, NamedParams, size_sums
 from lightning_gradnoise.capture._comm import ReducedMoments
 from lightning_gradnoise.capture._dist import WorldSize
+from lightning_gradnoise.capture._per_example import PerExampleCollector
 from lightning_gradnoise.stats import (
     GradientNoiseScale,
     GSNRStatistic,
@@ -21,9 +22,10 @@ from lightning_gradnoise.stats import (
     noise_scale_from_moments,
 )
 
-__all__ = ["STATISTICS", "GradNoiseTracker", "needs_groups", "parse_statistics"]
+__all__ = ["STATISTICS", "CAPTURES", "GradNoiseTracker", "needs_groups", "parse_statistics"]
 
 STATISTICS = ("b_simple", "gr_s", "gr_t", "gsnr")
+CAPTURES = ("groups", "per_example")
 """What can be measured; ``gr_s`` implies ``b_simple`` (it is computed from it)."""
 
 
@@ -97,6 +99,11 @@ def needs_groups(statistics: str | Iterable[str]) -> bool:
     return bool(parse_statistics(statistics) & {"b_simple", "gr_s", "gsnr"})
 
 
+def _local(t: Tensor) -> Tensor:
+    """A sharded (DTensor) gradient's local shard; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def parse_statistics(statistics: str | Iterable[str]) -> frozenset[str]:
     """Validate a selection of :data:`STATISTICS` (``"all"`` selects every one)."""
     expected = f"one or more of {STATISTICS}, or 'all'"
@@ -135,6 +142,10 @@ class GradNoiseTracker:
             ``"hooks"`` (anywhere, DDP included) or ``"swap"`` (cheaper; not under DDP).
         level: the two-sided level of the intervals in the summaries (``b_simple_lo`` and
             ``b_simple_hi``, ...), 0.9 by default.
+        capture: ``"groups"`` (each backward is a group: micro-batches, devices) or
+            ``"per_example"`` (each example is a group of one, from its per-example gradient
+            norm: :class:`PerExampleCollector`; needs ``params`` to be the module, covers
+            :data:`SUPPORTED_MODULES`' parameters, and measures no GSNR).
 
     Examples:
         >>> model = torch.nn.Linear(4, 1)
@@ -159,12 +170,27 @@ class GradNoiseTracker:
         gr_t_beta: float = 0.9,
         mode: str = "hooks",
         level: float = 0.9,
+        capture: str = "groups",
     ) -> None:
         self.statistics = parse_statistics(statistics)
+        self.capture = check_choice("capture", capture, CAPTURES)
         self.level = check_number("level", level, low=0, low_open=True, high=1, high_open=True)
         ema_decay = check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
         gr_t_beta = check_number("gr_t_beta", gr_t_beta, low=0, low_open=True, high=1, high_open=True)
-        self.collector = GradientMomentCollector(params, mode=mode)
+        self.collector: Any
+        self.coverage: float | None = None
+        """Per example: the fraction of trainable parameters covered (logged as ``coverage``)."""
+        if self.capture == "per_example":
+            if not isinstance(params, nn.Module):
+                fail("params", params, "a module (per-example capture hooks its layers)", TypeError)
+            if "gsnr" in self.statistics:
+                raise ValueError("statistics includes 'gsnr', which per-example capture cannot measure: GSNR and the VR "
+                                 "optimizers need k >= 2 gradient groups (accumulation micro-batches or devices)")
+            self.collector = PerExampleCollector(params)
+            trainable = sum(p.numel() for p in params.parameters() if p.requires_grad)
+            self.coverage = sum(p.numel() for p in self.collector.params) / trainable
+        else:
+            self.collector = GradientMomentCollector(params, mode=mode)
         self.noise_scale = GradientNoiseScale(ema_decay)
         self.temporal = TemporalRedundancy(gr_t_beta)
         self.gsnr = GSNRStatistic(ema_decay)
@@ -262,6 +288,7 @@ class GradNoiseTracker:
             inv_size_sum, batch = size_sums(col.group_sizes)
         else:  # a group still open (a backward without end_group): counted in
             sums, k_local, inv_size_sum, batch = col.local_sums()
+        per_example = self.capture == "per_example"
         k = world * k_local
         local_batch = batch
         if world > 1 and loss_reduction == "sum":
@@ -271,18 +298,28 @@ class GradNoiseTracker:
             dist.all_reduce(total_batch, group=process_group)
             batch = float(total_batch)
         # .grad = (1 / (world * divisor)) * sum over groups of g_j (mean) or of b_j g_j (sum)
-        total = k if loss_reduction == "mean" else batch
+        micro = world * col.micro_batches if per_example else k  # the backward passes that made .grad
+        total = micro if loss_reduction == "mean" else batch
         factor = world * loss_divisor / total if total > 0 else 1.0
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in col.params]
+        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in col.params]
         if factor != 1.0:
             grads = torch._foreach_mul(grads, factor)
         big = list(torch._foreach_norm(grads))
+        if world > 1 and any(p.grad is not None and hasattr(p.grad, "to_local") for p in col.params):
+            # sharded gradients (FSDP2): each process holds its own shard of the reduced gradient,
+            # so |g|^2 per tensor is the sum over processes of their shards' squared norms (an
+            # all-reduce of one number per tensor, queued without waiting on the host)
+            sq = torch.stack(big).to(torch.float64).square_()
+            dist.all_reduce(sq, group=process_group)
+            self.last_collective_bytes += sq.numel() * sq.element_size()
+            big = list(sq.sqrt_().unbind())
         norms, scales = raw if raw is not None else (None, [1.0])
         # Under torch.distributed, this process's sums and counts are summed over processes when
         # folded: one small collective per fold (logged steps) instead of one per step. Every
         # process runs the same number of backward passes per step, so k is known (and checked
         # when folded).
-        entry = _Pending(norms, sums, big, k, tuple(scales), (float(k_local), inv_size_sum, local_batch),
+        # per example, processes may hold different numbers of examples: k comes from the fold's sums
+        entry = _Pending(norms, sums, big, -1 if per_example else k, tuple(scales), (float(k_local), inv_size_sum, local_batch),
                          loss_reduction == "sum", local=world > 1)
         self._pending.append(entry)
         if not entry.local:  # one process: the step's batch is known here (else the fold sums it)
@@ -386,7 +423,8 @@ class GradNoiseTracker:
         device = self.collector.params[0].device
         rows = self._rows(pending)
         sums, (rk, inv, total) = rows[:, :-3], rows[:, -3:].unbind(1)
-        k = torch.tensor([e.k for e in pending], dtype=torch.float64, device=device)
+        given = torch.tensor([e.k for e in pending], dtype=torch.float64, device=device)
+        k = torch.where(given < 0, rk.round(), given)
         if not torch.equal(rk.round(), k):
             raise RuntimeError(
                 "processes disagree on the number of gradient groups per step: every process must run "
@@ -442,6 +480,8 @@ class GradNoiseTracker:
 
     def _summary(self, batch: float, per_layer: bool) -> dict[str, float]:
         out: dict[str, float] = {"batch_size": batch, "skipped_steps": float(self.skipped_steps)}
+        if self.coverage is not None:
+            out["coverage"] = self.coverage
         layers: dict[str, Tensor] = {}
         if "b_simple" in self.statistics and self.noise_scale.grad_sq.count:
             for scope, values in (("total", self.noise_scale.reading(self.level)),
