@@ -222,3 +222,30 @@ def test_per_example_tracker_on_a_frozen_real_data_model_converges_to_the_exact_
         tracker.end_group()
         summary = tracker.finish_step(summarize=step % 100 == 99)
     assert summary["b_simple"] == pytest.approx(exact, rel=0.05), (summary["b_simple"], exact)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_works_under_a_compiled_module(how: str) -> None:
+    """Compiled with torch.compile (a wrapper) or Module.compile (in place): the hooks make the
+    compiler fall back around them, and the per-example sums equal the eager ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(6, 5), torch.randn(6, 3)
+
+    def sums(run) -> torch.Tensor:
+        col = PerExampleCollector(model).attach()
+        out = run(x)
+        col.begin_group(scale=1.0, size=6)
+        (out - y).square().mean().backward()
+        col.end_group()
+        col.detach()
+        model.zero_grad()
+        return col.local_sums()[0]
+
+    eager = sums(model)
+    if how == "torch.compile":
+        compiled = torch.compile(model)
+    else:
+        model.compile()
+        compiled = model
+    assert torch.allclose(sums(compiled), eager, rtol=1e-5)
