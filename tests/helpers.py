@@ -68,19 +68,22 @@ class LinRegTruth:
 class StreamDataset(IterableDataset):
     """Fresh samples from the population, seeded per rank, ``n_batches`` batches of ``batch``."""
 
-    def __init__(self, truth: LinRegTruth, batch: int, n_batches: int, seed: int = 1, rank: int = 0) -> None:
+    def __init__(self, truth: LinRegTruth, batch: int, n_batches: int, seed: int = 1, rank: int = 0, empty_at: int | None = None) -> None:
         self.truth, self.batch, self.n_batches, self.seed, self.rank = truth, batch, n_batches, seed, rank
+        self.empty_at = empty_at  # this batch index comes with no samples
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
-        for _ in range(self.n_batches):
-            yield self.truth.sample(self.batch, g)
+        for i in range(self.n_batches):
+            x, y = self.truth.sample(self.batch, g)
+            yield (x[:0], y[:0]) if i == self.empty_at else (x, y)
 
     def __len__(self) -> int:
         return self.n_batches
 
 
-def linreg_module(namespace: str, truth: LinRegTruth, lr: float = 0.0, batch: int = 16, n_batches: int = 64, reduction: str = "mean"):
+def linreg_module(namespace: str, truth: LinRegTruth, lr: float = 0.0, batch: int = 16, n_batches: int = 64, reduction: str = "mean",
+                  empty_at: tuple[int, int] | None = None):
     """A LightningModule of the given namespace: one linear layer (no bias) at truth.w0, its loss
     averaged (``reduction="mean"``) or summed over the batch."""
     L = ns(namespace)
@@ -102,7 +105,8 @@ def linreg_module(namespace: str, truth: LinRegTruth, lr: float = 0.0, batch: in
 
         def train_dataloader(self):
             rank = self.trainer.global_rank if self._trainer is not None else 0
-            return DataLoader(StreamDataset(truth, batch, n_batches, rank=rank), batch_size=None)
+            empty = empty_at[1] if empty_at is not None and empty_at[0] == rank else None  # (rank, batch index)
+            return DataLoader(StreamDataset(truth, batch, n_batches, rank=rank, empty_at=empty), batch_size=None)
 
     return LinReg()
 

@@ -217,3 +217,16 @@ def test_model_averaging_is_refused_with_a_fix() -> None:
     strategy = strategy_class("lightning.pytorch")(model_averaging_period=4)
     with pytest.raises(MisconfigurationError, match="model averaging"):
         strategy.check_supported()
+
+
+def test_an_empty_micro_batch_on_one_rank_is_skipped_and_counted_on_every_rank(tmp_path) -> None:
+    """Rank 1's sixth micro-batch (of step 2) has no samples; with a summed loss its gradient is
+    zero and finite, but the group has no size: both ranks skip the step and count it, log the
+    same values, and the statistics go on from the other steps. (A mean loss over no samples is
+    NaN, and a NaN step is skipped on every rank already.)"""
+    ranks = launch(tmp_path, "truth", steps=12, accumulate=2, every=4, reduction="sum", empty_at=5)
+    a, b = ranks
+    assert a["rows"] == b["rows"]
+    last = a["rows"][-1]
+    assert last["skipped_steps"] == 1
+    assert last["b_simple"] > 0

@@ -176,12 +176,13 @@ class GradNoiseMonitor(CallbackBase):
                 "need the whole gradient): leave 'gr_t' out of statistics."
             )
         k = trainer.world_size * trainer.accumulate_grad_batches
-        if needs_groups(self.statistics) and k < 2 and self.capture == "groups":
+        if needs_groups(self.statistics) and k < 2 and (self.capture == "groups" or not self.statistics - {"gsnr"}):
             raise MisconfigurationError(
                 f"GradNoiseMonitor({sorted(self.statistics)}, capture='groups') needs at least 2 gradient groups "
                 f"per step, and this Trainer has {trainer.world_size} device(s) x accumulate_grad_batches="
-                f"{trainer.accumulate_grad_batches}. Use capture='auto' (each example is a group), set "
-                "Trainer(accumulate_grad_batches=4), or train on 2+ devices with strategy='gnddp'."
+                f"{trainer.accumulate_grad_batches}. "
+                + ("Use capture='auto' (each example is a group), set " if self.statistics - {"gsnr"} else "Set ")
+                + "Trainer(accumulate_grad_batches=4) (any value >= 2), or train on 2+ devices with strategy='gnddp'."
             )
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -349,7 +350,7 @@ class GradNoiseMonitor(CallbackBase):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         tracker = self.tracker
         assert tracker is not None
-        if self._empty_step:  # one device only: under DDP the ranks would have to agree first
+        if self._empty_step:  # one device; under DDP the fold skips a step with a sizeless group on every rank
             self._empty_step = False
             tracker.skip_step()
             self.consume_step(trainer, optimizer)

@@ -27,7 +27,8 @@ class VRMoments(GradNoiseMonitor):
     """
 
     def __init__(self, loss_reduction: str = "mean", batch_size_fn: Any = None) -> None:
-        super().__init__(statistics=("gsnr",), log_every_n_steps=1, loss_reduction=loss_reduction, batch_size_fn=batch_size_fn)
+        super().__init__(statistics=("gsnr",), log_every_n_steps=1, loss_reduction=loss_reduction, batch_size_fn=batch_size_fn,
+                         capture="groups")
         self.log_results = False
 
     _moments_only = True

@@ -171,6 +171,8 @@ class PerExampleCollector:
 
     mode = "per_example"
     elementwise = False
+    enabled = True
+    """While ``False``, forward passes are not hooked (e.g. steps that are not measured)."""
 
     def __init__(self, module: nn.Module, params: Any = None) -> None:
         if not isinstance(module, nn.Module):
@@ -196,7 +198,7 @@ class PerExampleCollector:
                     self.names.append(by_id[id(p)])
                 self._slots[(id(m), attr)] = slots[id(p)]
         if not self.params:
-            raise ValueError(f"module has no trainable parameter in a supported layer ({', '.join(t.__name__ for t in SUPPORTED_MODULES)})")
+            raise ValueError(f"module={type(module).__name__}(...) has no trainable parameter in a supported layer ({', '.join(t.__name__ for t in SUPPORTED_MODULES)})")
         order = {id(p): i for i, (_, p) in enumerate(pairs)}  # the model's own order
         perm = sorted(range(len(self.params)), key=lambda i: order[id(self.params[i])])
         where = {old: new for new, old in enumerate(perm)}
@@ -275,7 +277,7 @@ class PerExampleCollector:
         # A forward comes before its group begins (Lightning: training_step, then
         # on_before_backward): hook every forward that builds a graph; the backward hook reads
         # the group's scale
-        if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
+        if not self.enabled or not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
             return
         # a pre-hook on the node that produced the output sees the gradient of this very output,
         # even if it is later modified in place (a tensor hook would then never fire); the input
@@ -389,5 +391,7 @@ class PerExampleCollector:
 def uncovered_parameters(module: nn.Module) -> list[tuple[str, int]]:
     """The trainable parameters per-example capture cannot see (held by other module types),
     with their numbers of elements."""
+    if not isinstance(module, nn.Module):
+        fail("module", module, "a torch.nn.Module", TypeError)
     covered = {id(p) for m in module.modules() if isinstance(m, SUPPORTED_MODULES) for p in m.parameters(recurse=False)}
     return [(name, p.numel()) for name, p in module.named_parameters() if p.requires_grad and id(p) not in covered]

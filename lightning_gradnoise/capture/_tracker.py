@@ -436,6 +436,11 @@ class GradNoiseTracker:
         c = torch.where(summed_loss, 1.0 / total, inv / k.clamp_min(1) ** 2)
         big = _stack([e.big for e in pending]).to(device=device, dtype=torch.float64).square_()
         finite = torch.isfinite(sums).all(1) & torch.isfinite(big).all(1)
+        if "b_simple" in self.statistics:
+            # a group without a size (an empty micro-batch on some process) leaves the step's
+            # weights undefined on every process alike (they are summed over processes first):
+            # the step is skipped and counted, the same on every rank
+            finite &= (k < 2) | (torch.isfinite(a) & torch.isfinite(c))
         self.skipped_steps += int((~finite).sum())
         self.steps += int(finite.sum())
         if "b_simple" in self.statistics:
@@ -473,7 +478,9 @@ class GradNoiseTracker:
             else:
                 means = centres
         self.last_gsnr_moments = (means, m2s, k, inv)
-        folded = self.gsnr.update(means, m2s, k, inv_size_sum=inv if math.isfinite(inv) and inv > 0 else None)
+        if not (math.isfinite(inv) and inv > 0):  # a group without a size: no per-sample variance
+            return False
+        folded = self.gsnr.update(means, m2s, k, inv_size_sum=inv)
         if folded and self._histograms:
             self.histograms = {name: r[~torch.isnan(r)].flatten().cpu() for name, r in zip(self.names, self.gsnr.ratios())}
         return folded

@@ -123,7 +123,9 @@ def main() -> None:
 
         cls = strategy_class(namespace) if strategy.startswith("gnddp") else L.strategies.DDPStrategy
         strategy = cls(**kw, find_unused_parameters="unused" in strategy)
-    model = linreg_module(namespace, truth, lr=lr, batch=int(opts.get("batch", 16)), n_batches=steps * accumulate, reduction=opts.get("reduction", "mean"))
+    empty_at = (1, int(opts["empty_at"])) if "empty_at" in opts else None  # rank 1's batch of that index is empty
+    model = linreg_module(namespace, truth, lr=lr, batch=int(opts.get("batch", 16)), n_batches=steps * accumulate,
+                          reduction=opts.get("reduction", "mean"), empty_at=empty_at)
     if "optimizer" in opts:  # a registered optimizer; VR ones get their moments from VRMoments
         from lightning_gradnoise import VRMoments, create_optimizer
 
