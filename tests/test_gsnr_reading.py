@@ -119,7 +119,7 @@ def exact_gsnr(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor) -> fl
     return float((mean[ok].square() / var[ok]).mean())
 
 
-@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("k", [2, 8])
 def test_tracker_on_a_frozen_real_data_model_matches_float64_and_the_exact_value(k: int) -> None:
     """Digits MLP frozen at its initialization, micro-batches of 8 drawn with replacement, one
     device (swap capture): every logged GSNR of the first 150 steps equals the same definition
