@@ -176,7 +176,7 @@ def test_the_readme_monitor_on_one_device_without_accumulation_converges_to_the_
 
     truth = LinRegTruth(d=8, seed=0)
     monitor = GradNoiseMonitor(log_every_n_steps=50, ema_decay=0.999)
-    model = linreg_module("lightning.pytorch", truth, lr=0.0, batch=16, n_batches=2000)
+    model = linreg_module("lightning.pytorch", truth, lr=0.0, batch=64, n_batches=2000)
     with pytest.warns(UserWarning, match="GSNR"):
         ns("lightning.pytorch").Trainer(**trainer_kwargs(callbacks=[monitor])).fit(model)
     assert monitor.tracker.collector.mode == "per_example"

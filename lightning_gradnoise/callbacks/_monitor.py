@@ -77,6 +77,11 @@ class GradNoiseMonitor(CallbackBase):
         batch_size_fn: ``batch -> number of samples``; by default Lightning's own rule.
         level: the two-sided level of the logged intervals, in ``(0, 1)`` (0.9 by default).
         capture: ``"auto"``, ``"groups"`` or ``"per_example"`` (see above).
+        per_example_every: per example, measure one optimizer step in this many (and every
+            logged step). Per-example norms of sequence layers cost a share of the backward; the
+            statistics are averages over steps, so measuring a quarter of them (the default)
+            keeps their expected values and costs a quarter as much, with an EMA that spans four
+            times as many steps. ``1`` measures every step.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -95,9 +100,11 @@ class GradNoiseMonitor(CallbackBase):
         batch_size_fn: Callable[[Any], int] | None = None,
         level: float = 0.9,
         capture: str = "auto",
+        per_example_every: int = 4,
     ) -> None:
         self.statistics = parse_statistics(statistics)
         self.capture = check_choice("capture", capture, ("auto", "groups", "per_example"))
+        self.per_example_every = check_int("per_example_every", per_example_every, low=1)
         self.level = check_number("level", level, low=0, low_open=True, high=1, high_open=True)
         log_every_n_steps = check_optional(check_int, "log_every_n_steps", log_every_n_steps, low=1)
         check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
@@ -317,6 +324,8 @@ class GradNoiseMonitor(CallbackBase):
             # First micro-batch of a step. The divisor and the AMP loss scale hold for the whole
             # accumulation window (GradScaler updates after the optimizer step): read them once.
             self._logging_step = trainer.global_step % self._every(trainer) == 0
+            if self._per_example:  # the same decision on every process (from the step number)
+                self.tracker.collector.enabled = self._logging_step or trainer.global_step % self.per_example_every == 0
             self.tracker.begin_step(elementwise=self._logging_step)
             if trainer.accumulate_grad_batches != self._accumulate:  # changed (a scheduler, an adapter)
                 self._accumulate = trainer.accumulate_grad_batches

@@ -72,7 +72,8 @@ def main() -> None:
     opts = dict(kv.split("=", 1) for kv in rest)
     steps, batch = int(opts.get("steps", 600)), int(opts.get("batch", 32))
     monitor = GradNoiseMonitor(statistics=("b_simple", "gr_s"), log_every_n_steps=int(opts.get("every", 100)),
-                               ema_decay=float(opts.get("decay", 0.999)), capture=opts.get("capture", "auto"))
+                               ema_decay=float(opts.get("decay", 0.999)), capture=opts.get("capture", "auto"),
+                               per_example_every=int(opts.get("per_example_every", 1)))
     rows: list[dict] = []
 
     class Rows(L.Callback):
