@@ -206,6 +206,7 @@ class TemporalRedundancy:
         # per tensor and whole: each step's |g|^2 (its EMA is |v_hat|_1) and m_hat . g (its EMA
         # is |m_hat|^2 to first order), under the same weights: their spread gives the interval
         self.spread = EMAMoments(self.beta)
+        self._steps: list[tuple[list[Tensor], list[Tensor], float]] = []
 
     def update(self, grads: Sequence[Tensor], checked: bool = False) -> bool:
         """Fold in one step's gradients; a step with any non-finite element is refused whole.
@@ -229,11 +230,23 @@ class TemporalRedundancy:
         torch._foreach_mul_(self.v, self.beta)
         torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - self.beta)
         self.count += 1
-        corr = 1.0 - self.beta**self.count
-        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads])
-        dots = torch.stack([torch.dot(m.reshape(-1).to(torch.float64), g.reshape(-1).to(torch.float64)) for m, g in zip(self.m, grads)]) / corr
-        self.spread.update_many(torch.cat([sq, sq.sum().view(1)]).view(1, -1), torch.cat([dots, dots.sum().view(1)]).view(1, -1))
+        # each step's |g|^2 and m_hat . g per tensor, kept as they are and folded into the
+        # spread's EMAs when read (a few kernels per step, no EMA arithmetic, no sync)
+        sq = torch._foreach_norm(grads)
+        dots = [torch.vdot(m.reshape(-1), g.reshape(-1)) for m, g in zip(self.m, grads)]
+        self._steps.append((sq, dots, 1.0 - self.beta**self.count))
+        if len(self._steps) >= 256:
+            self._flush()
         return True
+
+    def _flush(self) -> None:
+        if not self._steps:
+            return
+        steps, self._steps = self._steps, []
+        sq = torch.stack([torch.stack(s) for s, _, _ in steps]).to(torch.float64).square_()
+        dots = torch.stack([torch.stack(d) for _, d, _ in steps]).to(torch.float64)
+        dots /= torch.tensor([c for _, _, c in steps], dtype=torch.float64, device=dots.device)[:, None]
+        self.spread.update_many(torch.cat([sq, sq.sum(1, keepdim=True)], 1), torch.cat([dots, dots.sum(1, keepdim=True)], 1))
 
     def reading(self, level: float = 0.9) -> dict[str, Tensor]:
         r"""``gr_t`` with its ``level`` interval (``gr_t_lo``, ``gr_t_hi``), whole model, and
@@ -249,6 +262,7 @@ class TemporalRedundancy:
         from lightning_gradnoise.stats._interval import fieller_interval, t_quantile
 
         level = check_number("level", level, low=0, low_open=True, high=1, high_open=True)
+        self._flush()
         v1, m2 = self.components()
         num = torch.cat([v1, v1.sum().view(1)])
         den = torch.cat([m2, m2.sum().view(1)])
@@ -292,6 +306,7 @@ class TemporalRedundancy:
         return v1 / m2
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush()
         return {
             "beta": self.beta,
             "count": self.count,
@@ -310,5 +325,6 @@ class TemporalRedundancy:
         from lightning_gradnoise.stats._interval import EMAMoments
 
         self.spread = EMAMoments(self.beta)
+        self._steps = []
         if "spread" in state:  # (absent from checkpoints saved before GR_T had an interval)
             self.spread.load_state_dict(state["spread"])
