@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def interval(key: str) -> str:
         ends = current_interval(series, f"gradnoise/{key}", full)
-        return f"({ends[0]:.3g}-{ends[1]:.3g})" if all(math.isfinite(e) for e in ends) else ""
+        if all(math.isfinite(e) for e in ends):
+            return f"({ends[0]:.3g}-{ends[1]:.3g})"
+        return "(interval not bounded)" if any(math.isinf(e) for e in ends) else ""
 
     s = monitor.latest
     low, high = batch_range_for_gr_s(now["b_simple"], GR_S_BAND)
@@ -105,8 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ("global batch B", f"{now['batch_size']:.0f}", f"{args.accumulate} x {args.micro_batch}"),
         ("B_simple", f"{now['b_simple']:.1f}", f"gradient noise scale (McCandlish et al.) {interval('b_simple')}"),
         ("GR_S", f"{now['gr_s']:.3f}", f"ideal {GR_S_BAND[0]}-{GR_S_BAND[1]} {interval('gr_s')}"),
-        ("GR_T", f"{now['gr_t']:.1f}", f"ideal near {GR_T_TARGET:.0f}"),
-        ("mean GSNR", f"{now['gsnr']:.3f}", "per element, between micro-batches"),
+        ("GR_T", f"{now['gr_t']:.1f}", f"ideal near {GR_T_TARGET:.0f} {interval('gr_t')}"),
+        ("mean GSNR", f"{now['gsnr']:.3f}", f"per parameter and sample (VRGD Eq. 2) {interval('gsnr')}"),
         ("batch for GR_S band", f"{max(low, 1):.0f}-{max(high, 1):.0f}", "global batch sizes"),
         ("val accuracy", f"{float(trainer.callback_metrics['val/acc']):.3f}", ""),
     ]

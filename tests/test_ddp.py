@@ -14,10 +14,19 @@ from lightning_gradnoise.strategies import STRATEGY_NAMES, strategy_class
 WORKER = Path(__file__).parent / "ddp" / "worker.py"
 
 
+_LAUNCHED: dict[tuple, list[dict]] = {}
+"""Fits already run in this session, by their arguments: a fit is deterministic, so tests that
+need the same one (the default gnddp trajectory, for instance) share a launch."""
+
+
 def launch(tmp_path: Path, scenario: str, **opts) -> list[dict]:
+    key = (scenario, tuple(sorted((k, str(v)) for k, v in opts.items())))
+    if key in _LAUNCHED and not any(k in opts for k in ("ckpt_dir", "resume")):
+        return _LAUNCHED[key]
     out = tmp_path / f"run{sum(1 for _ in tmp_path.glob('run*'))}_{scenario}"
     out.mkdir()
-    return launch_two_processes(WORKER, out, scenario, cwd=tmp_path, **opts)
+    _LAUNCHED[key] = ranks = launch_two_processes(WORKER, out, scenario, cwd=tmp_path, **opts)
+    return ranks
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -59,10 +59,12 @@ def test_converges_to_the_closed_form_on_frozen_linear_regression(k: int) -> Non
     assert float(r["gsnr_lo"]) <= exact <= float(r["gsnr_hi"])
 
 
-@pytest.mark.parametrize(("k", "steps"), [(2, 20), (8, 20), (2, 2000), (8, 2000)])
+@pytest.mark.parametrize(("k", "steps"), [(2, 20), (8, 20), (2, 2000), (8, 600)])
 def test_interval_coverage_at_k2_and_k8_early_and_late(k: int, steps: int) -> None:
     """A nominal 90% interval covers the closed form in 85-95% of 400 independent runs, each run
-    one tensor of one statistic (its per-tensor interval), EMA decay 0.95."""
+    one tensor of one statistic (its per-tensor interval), EMA decay 0.95: early (20 steps) and
+    late (the EMA's steady state: 2000 steps at k = 2, 600 at k = 8, both far past its 39
+    effective steps)."""
     truth = LinRegTruth(d=8, seed=0)
     exact = float((truth.delta.square() / truth.cov_diag).mean())
     b, runs = 4, 400
