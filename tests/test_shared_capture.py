@@ -1,5 +1,6 @@
 """Several consumers of one model's gradients on one device with accumulation: each measures
-what it would alone (one of them sets .grad aside, the others read with hooks)."""
+what it would alone, from one capture per micro-batch (the first sets .grad aside, the others
+read its capture)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from helpers import LinRegTruth, StreamDataset, linreg_module, ns, recording_logger, trainer_kwargs
 from lightning_gradnoise import GradNoiseMonitor, VRMoments, create_optimizer
+from lightning_gradnoise.capture import SharedCapture
 
 NAMESPACE = "lightning.pytorch"
 
@@ -51,7 +53,9 @@ def rows(logger) -> list[dict]:
 def test_a_monitor_beside_vr_moments_measures_what_it_measures_alone() -> None:
     SEEN.clear()
     alone = rows(fit([GradNoiseMonitor(statistics="all", log_every_n_steps=5)]))
-    beside = rows(fit([VRMoments(), GradNoiseMonitor(statistics="all", log_every_n_steps=5)], optimizer="vr_sgd"))
+    vr, monitor = VRMoments(), GradNoiseMonitor(statistics="all", log_every_n_steps=5)
+    beside = rows(fit([vr, monitor], optimizer="vr_sgd"))
+    assert isinstance(monitor.tracker.collector, SharedCapture) and monitor.tracker.collector.leader is vr.tracker.collector
     assert len(alone) == len(beside) >= 8
     for a, b in zip(alone, beside):
         assert a.keys() == b.keys()
@@ -76,6 +80,7 @@ def test_two_monitors_on_one_trainer_each_measure_what_they_measure_alone() -> N
     first = GradNoiseMonitor(statistics=("b_simple", "gr_s"), log_every_n_steps=5)
     second = GradNoiseMonitor(statistics="all", log_every_n_steps=5, per_layer=True)
     fit([first, second])
+    assert isinstance(second.tracker.collector, SharedCapture) and second.tracker.collector.leader is first.tracker.collector
     alone = GradNoiseMonitor(statistics="all", log_every_n_steps=5, per_layer=True)
     fit([alone])
     assert first.state_key != second.state_key

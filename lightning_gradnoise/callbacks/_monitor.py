@@ -134,6 +134,7 @@ class GradNoiseMonitor(CallbackBase):
         self._empty_step = False
         self.log_results = True
         self._per_example = False
+        self._began = -1  # the optimizer step whose first micro-batch was seen
 
     @property
     def state_key(self) -> str:
@@ -320,9 +321,11 @@ class GradNoiseMonitor(CallbackBase):
         self._micro_size = int(self.batch_size_fn(batch))
         if self._micro_size <= 0 and trainer.world_size == 1:
             self._empty_step = True  # no samples, no mean gradient: the step is skipped and counted
-        if self.tracker.collector.num_groups == 0 and not self.tracker.collector.group_open:
-            # First micro-batch of a step. The divisor and the AMP loss scale hold for the whole
-            # accumulation window (GradScaler updates after the optimizer step): read them once.
+        if self._began != trainer.global_step:
+            # First micro-batch of a step (every micro-batch of a step sees the same global_step).
+            # The divisor and the AMP loss scale hold for the whole accumulation window
+            # (GradScaler updates after the optimizer step): read them once.
+            self._began = trainer.global_step
             self._logging_step = trainer.global_step % self._every(trainer) == 0
             if self._per_example:  # the same decision on every process (from the step number)
                 self.tracker.collector.enabled = self._logging_step or trainer.global_step % self.per_example_every == 0
@@ -363,7 +366,7 @@ class GradNoiseMonitor(CallbackBase):
             self._empty_step = False
             tracker.skip_step()
             self.consume_step(trainer, optimizer)
-            tracker.collector.reset()
+            self._release_step(tracker)
             self._logging_step = False
             return
         summary = tracker.finish_step(
@@ -374,7 +377,7 @@ class GradNoiseMonitor(CallbackBase):
             per_layer=self.per_layer,
         )
         self.consume_step(trainer, optimizer)
-        tracker.collector.reset()
+        self._release_step(tracker)
         self._logging_step = False
         if summary is None:
             return
@@ -393,6 +396,13 @@ class GradNoiseMonitor(CallbackBase):
                     if values.numel()
                 }
                 log_histograms(trainer.loggers, hists, step)
+
+    @staticmethod
+    def _release_step(tracker: Any) -> None:
+        # a capture that other consumers read is reset by its owner's next step, not now (the
+        # others read it after this callback)
+        if not getattr(tracker.collector, "followers", 0):
+            tracker.collector.reset()
 
     def consume_step(self, trainer: Any, optimizer: Any) -> None:
         """Called after the step's statistics, before the captured moments are cleared."""

@@ -1,6 +1,6 @@
 """Layer 2: moment capture from autograd hooks and the DDP comm hook (plain PyTorch, no Lightning)."""
 
-from lightning_gradnoise.capture._collector import GradientMomentCollector
+from lightning_gradnoise.capture._collector import GradientMomentCollector, SharedCapture
 from lightning_gradnoise.capture._comm import PACK_LIMIT, GradNoiseCommState, ReducedMoments, gradnoise_comm_hook
 from lightning_gradnoise.capture._dist import destroy_process_group
 from lightning_gradnoise.capture._per_example import SUPPORTED_MODULES, PerExampleCollector, uncovered_parameters
@@ -13,6 +13,7 @@ __all__ = [
     "GradNoiseTracker",
     "GradientMomentCollector",
     "PerExampleCollector",
+    "SharedCapture",
     "SUPPORTED_MODULES",
     "ReducedMoments",
     "destroy_process_group",

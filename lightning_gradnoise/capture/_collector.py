@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_gradnoise._validate import check_bool, check_choice, check_int, check_number, fail
 
-__all__ = ["GradientMomentCollector", "named_parameters", "size_sums"]
+__all__ = ["GradientMomentCollector", "SharedCapture", "named_parameters", "size_sums"]
 
 MODES = ("hooks", "swap", "final", "external")
 _SWAPPING: dict[int, "weakref.ref[GradientMomentCollector]"] = {}
@@ -124,8 +124,19 @@ class GradientMomentCollector:
         self._attached = False
         self._stale = False
         self._saved: list[Tensor | None] | None = None
+        self.followers = 0
+        """How many :class:`SharedCapture` views read this capture."""
 
     # -- life cycle ---------------------------------------------------------------------------
+    def leader(self) -> "GradientMomentCollector | None":
+        """The attached swap-mode collector of these same parameters, if another one is: a
+        second consumer reads that one's capture (:class:`SharedCapture`) instead of capturing."""
+        other = _SWAPPING.get(id(self.params[0]))
+        found = other() if other is not None else None
+        if found is None or found is self or not found._attached or [id(p) for p in found.params] != [id(p) for p in self.params]:
+            return None
+        return found
+
     def attach(self) -> "GradientMomentCollector":
         """Start observing backward passes (idempotent). Returns ``self``.
 
@@ -445,3 +456,73 @@ class GradientMomentCollector:
         means = [z if m is None else m for z, m in zip(zeros, self._mean)]
         m2s = [torch.zeros_like(m) if s is None else s for m, s in zip(means, self._sq_sum)]
         return means, m2s, self.num_groups  # type: ignore[return-value]
+
+
+class SharedCapture:
+    """A second consumer's view of another collector's capture (one device, ``mode="swap"``):
+    the same groups' norms and elementwise moments, captured once.
+
+    Its group and step calls are no-ops, except that asking for elementwise moments turns them on
+    in the shared capture, and a group's ``scale`` must match the capture's (two consumers that
+    read one loss differently cannot share it). The capture is reset by its owner at the start of
+    the next step, so every consumer reads it after backward, in any order.
+    """
+
+    def __init__(self, leader: GradientMomentCollector) -> None:
+        if not isinstance(leader, GradientMomentCollector):
+            fail("leader", leader, "a GradientMomentCollector", TypeError)
+        self.leader = leader
+        self.names, self.params = leader.names, leader.params
+        leader.followers += 1
+
+    mode = property(lambda self: self.leader.mode)
+    elementwise = property(lambda self: self.leader.elementwise)
+    group_open = property(lambda self: self.leader.group_open)
+    num_groups = property(lambda self: self.leader.num_groups)
+    group_sizes = property(lambda self: self.leader.group_sizes)
+
+    def attach(self) -> "SharedCapture":
+        return self
+
+    def detach(self) -> None:
+        self.leader.followers = max(self.leader.followers - 1, 0)
+
+    def set_elementwise(self, enabled: bool) -> None:
+        if enabled:
+            self.leader.set_elementwise(True)
+
+    def set_mode(self, mode: str) -> None:
+        return None
+
+    def begin_group(self, scale: float = 1.0, size: int | None = None, loss: Tensor | None = None) -> None:
+        check_number("scale", scale, low=0, low_open=True)
+        own = self.leader._scale
+        if own is not None and abs(own - scale) > 1e-9 * max(abs(own), 1.0):
+            raise RuntimeError(
+                f"two consumers of one model's gradients read a group differently (scale {scale} against {own}): "
+                "give every GradNoiseMonitor / VRMoments of a Trainer the same loss_reduction"
+            )
+
+    def end_group(self) -> None:
+        return None
+
+    def cancel_group(self) -> None:
+        return None
+
+    def reset(self) -> None:
+        return None
+
+    def raw_norms(self) -> Any:
+        return self.leader.raw_norms()
+
+    def local_sums(self) -> Any:
+        return self.leader.local_sums()
+
+    def group_sq_norms(self) -> Tensor:
+        return self.leader.group_sq_norms()
+
+    def elementwise_moments(self) -> Any:
+        return self.leader.elementwise_moments()
+
+    def elementwise_sq_sum(self) -> list[Tensor]:
+        return self.leader.elementwise_sq_sum()

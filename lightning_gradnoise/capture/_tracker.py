@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_gradnoise._validate import check_bool, check_choice, check_number, fail
-from lightning_gradnoise.capture._collector import GradientMomentCollector, NamedParams, size_sums
+from lightning_gradnoise.capture._collector import GradientMomentCollector, NamedParams, SharedCapture, size_sums
 from lightning_gradnoise.capture._comm import ReducedMoments
 from lightning_gradnoise.capture._dist import WorldSize
 from lightning_gradnoise.capture._per_example import PerExampleCollector
@@ -217,6 +217,15 @@ class GradNoiseTracker:
         return self.collector.names
 
     def attach(self) -> "GradNoiseTracker":
+        """Start capturing. A second tracker of the same model's parameters in ``mode="swap"``
+        reads the first one's capture (:class:`SharedCapture`): one capture per micro-batch,
+        whatever the number of consumers."""
+        col = self.collector
+        if isinstance(col, GradientMomentCollector) and col.mode == "swap" and not col._attached:
+            leader = col.leader()
+            if leader is not None:
+                self.collector = SharedCapture(leader)
+                return self
         self.collector.attach()
         return self
 
