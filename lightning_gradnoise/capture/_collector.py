@@ -114,7 +114,7 @@ class GradientMomentCollector:
         self._group_sizes: list[int | None] = []
         # elementwise moments, Welford's way: each tensor's running mean of the group gradients
         # and centred sum of squares (no float32 cancellation, unlike a sum of squares)
-        self._sq_sum: list[Tensor | None] = [None] * len(self.params)  # the centred sums M2
+        self._m2: list[Tensor | None] = [None] * len(self.params)
         self._mean: list[Tensor | None] = [None] * len(self.params)
         self._elem_seen: set[int] = set()
         self._device = self.params[0].device
@@ -211,7 +211,7 @@ class GradientMomentCollector:
         indices = list(indices)
         j = len(self._scales) + 1  # this group's number
         means = [self._elem_buffer(self._mean, i, g) for i, g in zip(indices, grads)]
-        m2s = [self._elem_buffer(self._sq_sum, i, g) for i, g in zip(indices, grads)]
+        m2s = [self._elem_buffer(self._m2, i, g) for i, g in zip(indices, grads)]
         xs = torch._foreach_mul([g.to(m.dtype) for g, m in zip(grads, means)], self._scale)
         delta = torch._foreach_sub(xs, means)
         torch._foreach_add_(means, delta, alpha=1.0 / j)
@@ -225,7 +225,7 @@ class GradientMomentCollector:
             missed = [i for i, m in enumerate(self._mean) if m is not None and i not in self._elem_seen]
             if missed:
                 means = [self._mean[i] for i in missed]
-                m2s = [self._sq_sum[i] for i in missed]
+                m2s = [self._m2[i] for i in missed]
                 old = [m.clone() for m in means]
                 torch._foreach_mul_(means, 1.0 - 1.0 / j)
                 torch._foreach_addcmul_(m2s, old, means)  # delta = -M, x - M_new = -M_new
@@ -235,7 +235,7 @@ class GradientMomentCollector:
         """Start or stop keeping elementwise moments (takes effect from the next group)."""
         self.elementwise = bool(enabled)
         if not enabled:
-            self._sq_sum = [None] * len(self.params)
+            self._m2 = [None] * len(self.params)
             self._mean = [None] * len(self.params)
 
     # -- groups -------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ class GradientMomentCollector:
         self._group_sizes.append(size)
         if self._stale:
             self._stale = False
-            for buf in self._sq_sum + self._mean:
+            for buf in self._m2 + self._mean:
                 if buf is not None:
                     buf.zero_()
         if self.mode == "swap" and self._attached:
@@ -454,7 +454,7 @@ class GradientMomentCollector:
         zeros = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
                  if m is None else None for p, m in zip(self.params, self._mean)]
         means = [z if m is None else m for z, m in zip(zeros, self._mean)]
-        m2s = [torch.zeros_like(m) if s is None else s for m, s in zip(means, self._sq_sum)]
+        m2s = [torch.zeros_like(m) if s is None else s for m, s in zip(means, self._m2)]
         return means, m2s, self.num_groups  # type: ignore[return-value]
 
 

@@ -197,8 +197,6 @@ class GradNoiseTracker:
         self.moments_only = False
         """Keep the elementwise moments for a VR optimizer (``last_elementwise``) and measure no GSNR."""
         self._histograms = False  # set by a consumer that logs them
-        self.last_gsnr_moments: tuple[list[Tensor], list[Tensor], int, float] | None = None
-        """The last GSNR step's global group mean, centred sum of squares, k and sum of 1/b_j."""
         self.skipped_steps = 0
         self.steps = 0
         self.histograms: dict[str, Tensor] = {}
@@ -486,7 +484,6 @@ class GradNoiseTracker:
                 m2s = torch._foreach_addcmul(m2s, shift, shift, value=-float(k))
             else:
                 means = centres
-        self.last_gsnr_moments = (means, m2s, k, inv)
         if not (math.isfinite(inv) and inv > 0):  # a group without a size: no per-sample variance
             return False
         folded = self.gsnr.update(means, m2s, k, inv_size_sum=inv)
