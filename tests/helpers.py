@@ -21,6 +21,41 @@ def ns(name: str):
     return importlib.import_module(name)
 
 
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1797 digits of scikit-learn: inputs scaled to [0, 1] (float32) and labels."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y)
+
+
+def digits_mlp() -> nn.Sequential:
+    """The small MLP the ground-truth tests freeze at its (seeded) initialization."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+
+def per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Every example's cross-entropy gradient, flat ``[examples, parameters]``, computed in
+    float64 on a copy of ``model`` (torch.func)."""
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    params = {k: v.detach() for k, v in m64.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return nn.functional.cross_entropy(torch.func.functional_call(m64, p, (xi[None],)), yi[None])
+
+    per = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x.double(), y)
+    return torch.cat([v.reshape(len(x), -1) for v in per.values()], 1)
+
+
+def exact_b_simple(flat: torch.Tensor) -> float:
+    """B_simple = tr(Sigma)/|G|^2 of the population of per-sample gradients ``flat``."""
+    mean = flat.mean(0)
+    return float((flat - mean).square().sum(1).mean() / mean.square().sum())
+
+
 @dataclass
 class LinRegTruth:
     r"""x ~ N(0, I_d), y = w*.x + e, e ~ N(0, s^2), loss (w.x - y)^2 / 2, at a frozen w.

@@ -3,13 +3,14 @@ to the exact population value, and computed without float32 cancellation."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import LinRegTruth
+from helpers import LinRegTruth, digits, digits_mlp, per_sample_grads
 from lightning_gradnoise.capture import GradNoiseTracker
 from lightning_gradnoise.stats import GSNRStatistic, gsnr_moments
 
@@ -94,28 +95,9 @@ def test_not_determined_until_the_pooled_variance_has_more_than_two_degrees_of_f
     assert all(math.isfinite(v) and v > 0 for v in values[2:])
 
 
-def digits_mlp():
-    from sklearn.datasets import load_digits
-
-    x_all, y_all = load_digits(return_X_y=True)
-    x_all = torch.tensor(x_all, dtype=torch.float32) / 16.0
-    y_all = torch.tensor(y_all)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
-    return model, x_all, y_all
-
-
 def exact_gsnr(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor) -> float:
     """VRGD Eq. 2 from every per-sample gradient of the data set, in float64."""
-    m64 = nn.Sequential(*[type(m)(*([m.in_features, m.out_features] if isinstance(m, nn.Linear) else [])) for m in model]).double()
-    m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    params = {k: v.detach() for k, v in m64.named_parameters()}
-
-    def loss_one(p, x, y):
-        return nn.functional.cross_entropy(torch.func.functional_call(m64, p, (x[None],)), y[None])
-
-    per = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x_all.double(), y_all)
-    flat = torch.cat([v.reshape(len(x_all), -1) for v in per.values()], 1)
+    flat = per_sample_grads(model, x_all, y_all)
     mean, var = flat.mean(0), flat.var(0, unbiased=False)
     ok = var > 0
     return float((mean[ok].square() / var[ok]).mean())
@@ -127,10 +109,9 @@ def test_tracker_on_a_frozen_real_data_model_matches_float64_and_the_exact_value
     device (swap capture): every logged GSNR of the first 150 steps equals the same definition
     computed in float64 from the same groups (within 1e-3), and after 2000 steps it is within 5%
     of the exact value."""
-    model, x_all, y_all = digits_mlp()
+    model, (x_all, y_all) = digits_mlp(), digits()
     exact = exact_gsnr(model, x_all, y_all)
-    m64 = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
-    m64.load_state_dict({key: v.double() for key, v in model.state_dict().items()})
+    m64 = copy.deepcopy(model).double()
     tracker = GradNoiseTracker(model, statistics=("gsnr",), mode="swap", ema_decay=0.999).attach()
     reference = GSNRStatistic(decay=0.999, dtype=torch.float64)
     gen = torch.Generator().manual_seed(k)

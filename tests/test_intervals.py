@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import LinRegTruth, linreg_module, ns, recording_logger, trainer_kwargs
+from helpers import LinRegTruth, digits, digits_mlp, exact_b_simple, linreg_module, ns, per_sample_grads, recording_logger, trainer_kwargs
 from lightning_gradnoise import BatchSizeAdapter, GradNoiseMonitor, GradNoiseTracker
 from lightning_gradnoise.control import BatchSizeController, LRController
 from lightning_gradnoise.stats import GradientNoiseScale, fieller_interval, noise_scale_update_from_sums, t_quantile
@@ -108,23 +108,10 @@ def test_readings_stay_in_range_on_a_frozen_real_data_model() -> None:
     """Digits, a small MLP frozen at its initialization, micro-batches of 4 drawn with replacement,
     k = 2: every logged value in range, and the final interval holds the exact population value
     from all per-sample gradients (float64)."""
-    from sklearn.datasets import load_digits
-
-    x_all, y_all = load_digits(return_X_y=True)
-    x_all = torch.tensor(x_all, dtype=torch.float64) / 16.0
-    y_all = torch.tensor(y_all)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
-    params = dict(model.named_parameters())
-
-    def loss_one(p, x, y):
-        out = torch.func.functional_call(model, p, (x[None],))
-        return nn.functional.cross_entropy(out, y[None])
-
-    per = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))({k: v.detach() for k, v in params.items()}, x_all, y_all)
-    flat = torch.cat([v.reshape(len(x_all), -1) for v in per.values()], 1)
-    mean = flat.mean(0)
-    b_true = float((flat - mean).square().sum(1).mean() / mean.square().sum())
+    x_all, y_all = digits()
+    x_all = x_all.double()
+    model = digits_mlp().double()
+    b_true = exact_b_simple(per_sample_grads(model, x_all, y_all))
 
     tracker = GradNoiseTracker(model, statistics=("b_simple", "gr_s"), mode="swap", ema_decay=0.99).attach()
     g = torch.Generator().manual_seed(1)

@@ -189,26 +189,12 @@ def test_the_readme_monitor_on_one_device_without_accumulation_converges_to_the_
 def test_per_example_tracker_on_a_frozen_real_data_model_converges_to_the_exact_value() -> None:
     """Digits MLP frozen at its initialization, batches of 48 drawn with replacement, one backward
     per step, 2000 steps: B_simple within 5% of the value from all per-sample gradients (float64)."""
-    from sklearn.datasets import load_digits
-
+    from helpers import digits, digits_mlp, exact_b_simple, per_sample_grads
     from lightning_gradnoise.capture import GradNoiseTracker
 
-    x_all, y_all = load_digits(return_X_y=True)
-    x_all = torch.tensor(x_all, dtype=torch.float32) / 16.0
-    y_all = torch.tensor(y_all)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
-    m64 = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
-    m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    params = {k: v.detach() for k, v in m64.named_parameters()}
-
-    def loss_one(p, x, y):
-        return nn.functional.cross_entropy(torch.func.functional_call(m64, p, (x[None],)), y[None])
-
-    per = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x_all.double(), y_all)
-    flat = torch.cat([v.reshape(len(x_all), -1) for v in per.values()], 1)
-    mean = flat.mean(0)
-    exact = float((flat - mean).square().sum(1).mean() / mean.square().sum())
+    x_all, y_all = digits()
+    model = digits_mlp()
+    exact = exact_b_simple(per_sample_grads(model, x_all, y_all))
 
     tracker = GradNoiseTracker(model, statistics=("b_simple", "gr_s"), ema_decay=0.9995, capture="per_example").attach()
     gen = torch.Generator().manual_seed(1)

@@ -19,29 +19,17 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import trainer_kwargs  # noqa: E402
+from helpers import digits, digits_mlp, trainer_kwargs  # noqa: E402
 
 import lightning.pytorch as L  # noqa: E402
 from lightning_gradnoise import GradNoiseMonitor  # noqa: E402
-
-
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y)
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
 
 
 class Digits(L.LightningModule):
     def __init__(self, steps: int, batch: int, shard: bool) -> None:
         super().__init__()
         self.steps, self.batch, self.shard = steps, batch, shard
-        self.net = mlp()
+        self.net = digits_mlp()
 
     def configure_model(self) -> None:
         if self.shard:
