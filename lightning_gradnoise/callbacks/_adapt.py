@@ -1,4 +1,4 @@
-"""Auto-tuning callbacks: batch size toward the GR_S band, learning rate toward GR_T's target.
+"""Auto-tuning callbacks: batch size toward the GR_S band, learning rate by a line search along the step (or GR_T).
 
 Both read :class:`GradNoiseMonitor`'s values (identical on every rank) and take their decisions in
 the plain controllers of :mod:`lightning_gradnoise.control`; these classes only apply them.
@@ -9,14 +9,17 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from lightning_gradnoise._validate import check_choice, check_int, check_number, check_optional, fail
 from lightning_gradnoise.callbacks._compat import CallbackBase, namespace_of
 from lightning_gradnoise.callbacks._logging import log_scalars
-from lightning_gradnoise.callbacks._monitor import GradNoiseMonitor, MisconfigurationError
-from lightning_gradnoise.control import BatchSizeController, LRController, lr_rule_for
+from lightning_gradnoise.callbacks._monitor import GradNoiseMonitor, MisconfigurationError, _sharded
+from lightning_gradnoise.capture import StepProbe
+from lightning_gradnoise.control import BatchSizeController, LRController, StepSizeController, lr_rule_for, noise_coupling
 from lightning_gradnoise.scaling import lr_scale_factor
+from lightning_gradnoise.stats import LossTrend, StepSizeRatio
 
 __all__ = ["BatchSizeAdapter", "LRAdapter", "scale_learning_rate"]
 
@@ -68,6 +71,16 @@ def _lr_scales(trainer: Any) -> dict[str, float]:
     parts = {f"gradnoise/lr_scale/{'batch' if isinstance(cb, BatchSizeAdapter) else 'gr_t'}": cb.lr_scale
              for cb in trainer.callbacks if isinstance(cb, (BatchSizeAdapter, LRAdapter))}
     return {"gradnoise/lr_scale": math.prod(parts.values()), **parts}
+
+
+def _log_text(trainer: Any, reason: str) -> None:
+    """A decision's reason as text where the logger takes text (TensorBoard, W&B)."""
+    for logger in trainer.loggers:
+        kind = type(logger).__name__
+        if kind == "TensorBoardLogger":
+            logger.experiment.add_text("gradnoise/decisions", reason, trainer.global_step)
+        elif kind == "WandbLogger":
+            logger.experiment.log({"gradnoise/decisions": reason, "trainer/global_step": trainer.global_step})
 
 
 def _schedulers(trainer: Any) -> list[Any]:
@@ -232,9 +245,7 @@ class BatchSizeAdapter(CallbackBase):
         self.decisions.append((trainer.global_step, reason))
         if trainer.is_global_zero:
             log_scalars(trainer.loggers, {"gradnoise/decision/batch_size": float(new_batch)}, trainer.global_step)
-            for logger in trainer.loggers:
-                if type(logger).__name__ == "TensorBoardLogger":
-                    logger.experiment.add_text("gradnoise/decisions", reason, trainer.global_step)
+            _log_text(trainer, reason)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -256,28 +267,74 @@ class BatchSizeAdapter(CallbackBase):
 
 
 class LRAdapter(CallbackBase):
-    r"""Moves the learning rate toward :math:`GR_T \approx` ``target`` (GR-Gauge Theorem 1: GR_T
-    rises with the learning rate) in bounded multiplicative steps, :math:`(\text{target}/GR_T)^\text{gain}`
-    capped at ``step_factor``, with a cooldown (:class:`~lightning_gradnoise.control.LRController`).
-    Composes with LR schedulers (:func:`scale_learning_rate`) and with :class:`BatchSizeAdapter`:
-    after a batch change (which rescales the learning rate itself) it waits one cooldown, since
-    :math:`GR_T`'s EMAs still span the old batch, and the two never move in the same step.
-    Needs a :class:`GradNoiseMonitor` measuring ``gr_t``, and ``b_simple`` too for
-    ``target="auto"`` (the target of :func:`~lightning_gradnoise.control.gr_t_target` at the
-    measured :math:`B_\text{simple}/B` instead of a fixed one).
+    r"""Moves the learning rate during training, by one of two rules.
+
+    ``rule="line_search"`` (the default): a noise-corrected line search along the optimizer's own
+    step. After each step it measures how the loss curves along that step, from the step's dot
+    products with the gradient that made it and the gradient after it, with the noise of the
+    step's own batch removed (:class:`~lightning_gradnoise.stats.StepSizeRatio`, the noise from
+    the monitor's :math:`B_\text{simple}`). The ratio :math:`r` says how many times longer the best
+    step along that direction would be; the rate moves when :math:`r`'s interval lies wholly
+    outside ``band`` (:class:`~lightning_gradnoise.control.StepSizeController`), and the
+    measurement starts afresh after every change. Works with ``torch.optim`` SGD (with or
+    without momentum), Adam and AdamW, and needs a :class:`GradNoiseMonitor` measuring
+    ``b_simple``.
+
+    ``rule="gr_t"``: the GR-Gauge card's rule, :math:`GR_T` toward ``target`` (Theorem 1: GR_T
+    rises with the learning rate), in bounded multiplicative steps
+    :math:`(\text{target}/GR_T)^\text{gain}` capped at ``step_factor``, with a cooldown
+    (:class:`~lightning_gradnoise.control.LRController`). Needs a monitor measuring ``gr_t`` (and
+    ``b_simple`` for ``target="auto"``). In the noise-dominated regime :math:`GR_T` sits near its
+    noise ceiling whatever the rate, and holding it at 20 lowers the rate as a run goes on (see the
+    auto-tuning benchmark).
+
+    Both compose with LR schedulers (:func:`scale_learning_rate`) and with
+    :class:`BatchSizeAdapter`: after a batch change (which rescales the learning rate itself) the
+    measurement starts afresh, and the two never move in the same step. Every decision is kept in
+    ``decisions`` as ``(step, reason)``, the reason naming the reading and the interval it acted
+    on, and logged (``gradnoise/decision/lr_scale``; the reason as text on TensorBoard).
+
+    Args:
+        rule: ``"line_search"`` or ``"gr_t"``.
+        band: line search: the band of :math:`r` left alone, ``(low, high)`` with ``low < 1 < high``.
+        min_pairs: line search: step pairs to measure at a rate before moving it.
+        decay: line search: the EMA decay of :math:`r`'s means.
+        target, tolerance, cooldown: ``gr_t`` only (see :class:`~lightning_gradnoise.control.LRController`).
+        step_factor: the most one decision multiplies or divides the rate by (default 1.5).
+        gain: the power of the move (default 1 for the line search, 0.5 for ``gr_t``).
+        min_scale, max_scale: bounds on the product of all moves.
     """
 
-    def __init__(self, target: float | str = 20.0, tolerance: float = 1.5, step_factor: float = 1.5, cooldown: int = 50,
-                 min_scale: float = 1e-3, max_scale: float = 1e3, gain: float = 0.5) -> None:
-        self.controller = LRController(target=target, tolerance=tolerance, step_factor=step_factor, cooldown=cooldown,
-                                       min_scale=min_scale, max_scale=max_scale, gain=gain)
+    def __init__(self, rule: str = "line_search", target: float | str = 20.0, tolerance: float = 1.5,
+                 step_factor: Optional[float] = None, cooldown: int = 50, min_scale: float = 1e-3, max_scale: float = 1e3,
+                 gain: Optional[float] = None, band: tuple[float, float] = (0.7, 1.5), min_pairs: int = 10, decay: float = 0.9) -> None:
+        self.rule = check_choice("rule", rule, ("line_search", "gr_t"))
+        step_factor = check_optional(check_number, "step_factor", step_factor, low=1, low_open=True)
+        gain = check_optional(check_number, "gain", gain, low=0, low_open=True)
+        self.controller: Any
+        if self.rule == "gr_t":
+            self.controller = LRController(target=target, tolerance=tolerance, step_factor=step_factor or 1.5, cooldown=cooldown,
+                                           min_scale=min_scale, max_scale=max_scale, gain=gain or 0.5)
+        else:
+            self.controller = StepSizeController(band=band, step_factor=step_factor or 1.5, gain=gain or 1.0, min_pairs=min_pairs,
+                                                 min_scale=min_scale, max_scale=max_scale)
+        self.ratio = StepSizeRatio(decay)
+        self.trend = LossTrend()
+        self._step_loss: list[float] = []
         self.lr_scale = 1.0
         self.decisions: list[tuple[int, str]] = []
         self._seen: Any = None
         self.batch_adapter: Optional[BatchSizeAdapter] = None
+        self.probe: Optional[StepProbe] = None
+        self._pending: Optional[tuple[float, float]] = None
+        self._stepped = False
+        self._accumulate: Optional[int] = None
+        self._probe_state: Optional[dict] = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
+        if stage != "fit":
+            return
+        if self.rule == "gr_t":
             self.monitor = _monitor(trainer, "gr_t", "LRAdapter")
             if self.controller.target == "auto" and "b_simple" not in self.monitor.statistics:
                 raise MisconfigurationError(
@@ -285,9 +342,103 @@ class LRAdapter(CallbackBase):
                     "GradNoiseMonitor(statistics=('b_simple', 'gr_t', ...)), or give a number as target"
                 )
             self.controller.beta = self.monitor.gr_t_beta
-            self.batch_adapter = next((cb for cb in trainer.callbacks if isinstance(cb, BatchSizeAdapter)), None)
+        else:
+            self.monitor = _monitor(trainer, "b_simple", "LRAdapter(rule='line_search')")
+            if _sharded(trainer):
+                raise MisconfigurationError(
+                    "LRAdapter(rule='line_search') reads whole gradients and parameters, which sharded training "
+                    "does not hold on one device: train with a single device or (gn)ddp to adapt the learning rate"
+                )
+        self.batch_adapter = next((cb for cb in trainer.callbacks if isinstance(cb, BatchSizeAdapter)), None)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.rule != "line_search":
+            return
+        optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
+        if len(trainer.optimizers) != 1:
+            raise MisconfigurationError("LRAdapter(rule='line_search') steers one optimizer: use rule='gr_t' with several")
+        try:
+            noise_coupling(optimizer, [])
+        except ValueError as err:
+            raise MisconfigurationError(str(err)) from None
+        self.probe = StepProbe(pl_module)
+        if self._probe_state is not None:
+            self.probe.load_state_dict(self._probe_state)
+            self._probe_state = None
+        if self._accumulate is None:
+            self._accumulate = trainer.accumulate_grad_batches
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.probe is None:
+            return
+        following = self.probe.before_step()
+        if trainer.accumulate_grad_batches != self._accumulate:  # a new batch: measure afresh
+            self._accumulate = trainer.accumulate_grad_batches
+            self.ratio.reset()
+            self.trend.reset()
+            self._pending = None
+        if following is not None and self._pending is not None:
+            self.ratio.update(self._pending[0], following, self._pending[1])
+        self._pending = None
+        self._stepped = True
+
+    def _noise_fraction(self) -> float:
+        r"""The share of :math:`\mathbb E|\hat g|^2` that is noise at the current batch,
+        :math:`B_\text{simple}/(B + B_\text{simple})` (NaN when not known)."""
+        latest = self.monitor.latest
+        b_simple, batch = latest.get("b_simple", math.nan), latest.get("batch_size") or math.nan
+        if not (batch > 0) or math.isnan(b_simple):
+            return math.nan
+        if b_simple < 0 or math.isinf(b_simple):  # |G|^2 not resolved from zero: all noise
+            return 1.0
+        return b_simple / (batch + b_simple)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.rule == "gr_t":
+            self._gr_t_step(trainer)
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._step_loss.append(float(loss.detach()))
+        if not self._stepped or self.probe is None:
+            return
+        self._stepped = False
+        if self._step_loss:
+            self.trend.update(trainer.global_step, sum(self._step_loss))
+        self._step_loss = []
+        optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
+        measured = self.probe.after_step(noise_coupling(optimizer, self.probe.params))
+        fraction = self._noise_fraction()
+        if measured is not None and math.isfinite(fraction):
+            self._pending = (measured[0], fraction * measured[1])
+        reading = self.ratio.reading(self.monitor.level)
+        if self.monitor.latest is not self._seen:
+            self._seen = self.monitor.latest
+            if trainer.is_global_zero:
+                log_scalars(trainer.loggers, {f"gradnoise/{k}": v for k, v in reading.items()}, trainer.global_step)
+        batch_adapter = self.batch_adapter
+        if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
+            return  # one adapter moves per step
+        # the inputs are all-reduced gradients and parameters identical on every rank: so is the decision
+        interval = (reading["lr_ratio_lo"], reading["lr_ratio_hi"])
+        slope = None
+        if interval[1] < self.controller.band[0]:
+            # about to lower: each rank has only its own losses, so the slope is taken from all of them
+            # (every rank gets here at the same step: the ratio comes from all-reduced gradients)
+            losses = torch.tensor(self.trend.losses, dtype=torch.float64)
+            losses = trainer.strategy.reduce(losses, reduce_op="mean") if trainer.world_size > 1 else losses
+            trend = LossTrend(self.trend.window)
+            for step, value in zip(self.trend.steps, losses.tolist()):
+                trend.update(step, value)
+            slope = trend.slope_interval(self.monitor.level)
+        decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, self.ratio.count, slope)
+        if decision.changed:
+            self._apply(trainer, decision.value, decision.reason)
+            self.ratio.reset()
+            self.trend.reset()
+            self._pending = None
+
+    def _gr_t_step(self, trainer: Any) -> None:
         latest = self.monitor.latest
         if latest is self._seen or "gr_t" not in latest:
             return
@@ -302,19 +453,37 @@ class LRAdapter(CallbackBase):
         interval = (latest["gr_t_lo"], latest["gr_t_hi"]) if "gr_t_lo" in latest else None
         decision = self.controller.decide(latest["gr_t"], self.lr_scale, trainer.global_step, mu_over_b, age, interval)
         new_scale, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
-        if not changed:
-            return
+        if changed:
+            self._apply(trainer, new_scale, reason)
+
+    def _apply(self, trainer: Any, new_scale: float, reason: str) -> None:
         for opt in trainer.optimizers:
             scale_learning_rate(opt, _schedulers(trainer), new_scale / self.lr_scale)
         self.lr_scale = new_scale
         self.decisions.append((trainer.global_step, reason))
         if trainer.is_global_zero:
-            log_scalars(trainer.loggers, _lr_scales(trainer), trainer.global_step)
+            log_scalars(trainer.loggers, {"gradnoise/decision/lr_scale": new_scale, **_lr_scales(trainer)}, trainer.global_step)
+            _log_text(trainer, reason)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"controller": self.controller.state_dict(), "lr_scale": self.lr_scale, "decisions": list(self.decisions)}
+        probe = self.probe.state_dict() if self.probe is not None else self._probe_state
+        return {"rule": self.rule, "controller": self.controller.state_dict(), "lr_scale": self.lr_scale,
+                "decisions": list(self.decisions), "ratio": self.ratio.state_dict(), "probe": probe,
+                "pending": self._pending, "accumulate": self._accumulate, "trend": self.trend.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rule = state_dict.get("rule", "gr_t")
+        if rule != self.rule:
+            raise ValueError(f"state_dict: saved by LRAdapter(rule={rule!r}), loaded into LRAdapter(rule={self.rule!r})")
         self.controller.load_state_dict(state_dict["controller"])
         self.lr_scale = state_dict["lr_scale"]
         self.decisions = [tuple(d) for d in state_dict["decisions"]]
+        if "ratio" in state_dict:
+            self.ratio.load_state_dict(state_dict["ratio"])
+            self.trend.load_state_dict(state_dict["trend"])
+            self._pending = None if state_dict["pending"] is None else tuple(state_dict["pending"])
+            self._accumulate = state_dict["accumulate"]
+            if self.probe is not None and state_dict["probe"] is not None:
+                self.probe.load_state_dict(state_dict["probe"])
+            else:
+                self._probe_state = state_dict["probe"]

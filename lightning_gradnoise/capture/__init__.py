@@ -4,6 +4,7 @@ from lightning_gradnoise.capture._collector import GradientMomentCollector, Shar
 from lightning_gradnoise.capture._comm import PACK_LIMIT, GradNoiseCommState, ReducedMoments, gradnoise_comm_hook
 from lightning_gradnoise.capture._dist import destroy_process_group
 from lightning_gradnoise.capture._per_example import SUPPORTED_MODULES, PerExampleCollector, uncovered_parameters
+from lightning_gradnoise.capture._step_probe import StepProbe
 from lightning_gradnoise.capture._tracker import STATISTICS, GradNoiseTracker, needs_groups, parse_statistics
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "GradientMomentCollector",
     "PerExampleCollector",
     "SharedCapture",
+    "StepProbe",
     "SUPPORTED_MODULES",
     "ReducedMoments",
     "destroy_process_group",

@@ -1,4 +1,4 @@
-"""Layer 1: the auto-tuning decisions as plain objects (no Lightning import)."""
+"""Layer 3: the auto-tuning decisions as plain objects (no Lightning import)."""
 
 from lightning_gradnoise.control._controllers import (
     ADAM_STYLE,
@@ -9,5 +9,17 @@ from lightning_gradnoise.control._controllers import (
     gr_t_target,
     lr_rule_for,
 )
+from lightning_gradnoise.control._step_size import LINE_SEARCH_OPTIMIZERS, StepSizeController, noise_coupling
 
-__all__ = ["ADAM_STYLE", "SGD_STYLE", "BatchSizeController", "Decision", "LRController", "gr_t_target", "lr_rule_for"]
+__all__ = [
+    "ADAM_STYLE",
+    "LINE_SEARCH_OPTIMIZERS",
+    "SGD_STYLE",
+    "BatchSizeController",
+    "Decision",
+    "LRController",
+    "StepSizeController",
+    "gr_t_target",
+    "lr_rule_for",
+    "noise_coupling",
+]

@@ -26,6 +26,7 @@ _WHERE = {
     "GR_T_TARGET": "_bands",
     "GradientNoiseScale": "_noise_scale",
     "gsnr": "_gsnr",
+    "LossTrend": "_step_ratio",
     "gsnr_layer_stats": "_gsnr",
     "gsnr_moments": "_gsnr_stat",
     "GSNRStatistic": "_gsnr_stat",
@@ -40,6 +41,8 @@ _WHERE = {
     "noise_scale_update_from_sums": "_noise_scale",
     "NoiseScaleStats": "_noise_scale",
     "TemporalRedundancy": "_redundancy",
+    "ratio_interval": "_step_ratio",
+    "StepSizeRatio": "_step_ratio",
 }
 
 __all__ = sorted(_WHERE)
