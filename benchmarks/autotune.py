@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -64,6 +64,15 @@ class Task:
     micro_cap: int
 
 
+def independent(dataset, micro: int, seed: int) -> DataLoader:
+    """Batches drawn with replacement: independent of each other, as on data far larger than a
+    batch. Digits has 1,500 training examples, and a batch of 512 drawn without replacement is a
+    third of an epoch, whose noise is anti-correlated with the batches before it."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=micro, sampler=RandomSampler(dataset, replacement=True, num_samples=len(dataset), generator=g),
+                      drop_last=True)
+
+
 def digits_task() -> Task:
     train, _ = digits_loaders(64, seed=0)
     x, y = train.dataset.tensors
@@ -71,9 +80,9 @@ def digits_task() -> Task:
     def loss(module):
         return float(nn.functional.cross_entropy(module.net(x), y))
 
-    return Task("digits MLP, SGD momentum 0.9, training loss 0.15", (16, 64, 256, 1024),
+    return Task("digits MLP, SGD momentum 0.9, training loss 0.15", (8, 16, 32, 64, 128, 256, 512, 1024),
                 tuple(0.0125 * 2**i for i in range(7)), 0.15, 1000, 1, lambda lr: DigitsMLP(lr, momentum=0.9),
-                lambda micro, seed: digits_loaders(micro, seed=seed)[0], loss, 64)
+                lambda micro, seed: independent(train.dataset, micro, seed), loss, 64)
 
 
 def charlm_task(seq: int = 32) -> Task:
@@ -85,14 +94,13 @@ def charlm_task(seq: int = 32) -> Task:
     tx, ty = x[:-held], y[:-held]
 
     def loader(micro, seed):
-        g = torch.Generator().manual_seed(seed)
-        return DataLoader(TensorDataset(tx, ty), batch_size=micro, shuffle=True, generator=g, drop_last=True)
+        return independent(TensorDataset(tx, ty), micro, seed)
 
     def loss(module):
         with torch.no_grad():
             return float(nn.functional.cross_entropy(module(vx).flatten(0, 1), vy.flatten()))
 
-    return Task("char transformer LM, AdamW, validation loss 2.0", (8, 32, 128, 512), tuple(5e-4 * 2**i for i in range(7)),
+    return Task("char transformer LM, AdamW, validation loss 2.0", (4, 8, 16, 32, 64, 128, 256), tuple(1e-3 * 2**i for i in range(5)),
                 2.0, 1500, 5, lambda lr: CharLM(vocab, d=64, layers=2, heads=4, seq=seq, lr=lr), loader, loss, 32)
 
 
@@ -161,7 +169,8 @@ def cost(steps: float, examples: float, s_min: float, e_min: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=("digits", "charlm"), default="digits")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of each poor start, fixed and adapted")
+    parser.add_argument("--grid-seeds", type=int, default=3, help="seeds of each grid point")
     parser.add_argument("--lr-rule", choices=("line_search", "gr_t"), default="line_search")
     parser.add_argument("--plot")
     args = parser.parse_args()
@@ -173,15 +182,18 @@ def main() -> None:
     grid = {}
     for b in task.batches:
         for lr in task.lrs:
-            grid[b, lr] = median_of([run(task, b, lr, s, None) for s in seeds])
+            grid[b, lr] = median_of([run(task, b, lr, s, None) for s in range(args.grid_seeds)])
     best = {b: min((lr for bb, lr in grid if bb == b), key=lambda lr: (grid[b, lr]["steps"], grid[b, lr]["examples"])) for b in task.batches}
     front = [(b, best[b]) for b in task.batches if math.isfinite(grid[b, best[b]]["steps"])]
     fit = fit_b_noise([grid[p]["steps"] for p in front], [grid[p]["examples"] for p in front])
-    b_ref = min(task.batches, key=lambda b: abs(math.log(b / max(fit.e_min / fit.s_min, 1e-9))))
+    # the reference: the grid batch nearest the critical batch E_min/S_min whose x8 and /8 are on the grid too
+    inner = [b for b in task.batches if b // 8 in task.batches and b * 8 in task.batches] or list(task.batches)
+    b_ref = min(inner, key=lambda b: abs(math.log(b / max(fit.e_min / fit.s_min, 1e-9))))
     lr_ref = best[b_ref]
+    # each start is the grid's best point at the start's batch, with the batch or the learning rate off
     starts = {
-        "batch 8x too small": (b_ref // 8, lr_ref),
-        "batch 8x too large": (b_ref * 8, lr_ref),
+        "batch 8x too small": (b_ref // 8, best.get(b_ref // 8, lr_ref)),
+        "batch 8x too large": (b_ref * 8, best.get(b_ref * 8, lr_ref)),
         "lr 10x too small": (b_ref, lr_ref / 10),
         "lr 3x too large": (b_ref, lr_ref * 3),
     }
@@ -194,7 +206,8 @@ def main() -> None:
         adapted = [run(task, b, lr, s, adapt, micro) for s in seeds]
         results[name] = (b, lr, fixed, adapted)
 
-    print(f"\n{task.name}; median of {args.seeds} seeds; LRAdapter(rule={args.lr_rule!r}); {time.time() - began:.0f} s")
+    print(f"\n{task.name}; grid: median of {args.grid_seeds} seeds, starts: median of {args.seeds}; "
+          f"LRAdapter(rule={args.lr_rule!r}); {time.time() - began:.0f} s")
     print("grid: steps / examples to the target (inf: not within the step limit)")
     print(f"{'batch':>6} " + " ".join(f"{lr:>13.4g}" for lr in task.lrs))
     for b in task.batches:
@@ -202,16 +215,20 @@ def main() -> None:
     print(f"frontier (fastest run per batch: {', '.join(f'B={b} lr={lr:.4g}' for b, lr in front)}): "
           f"B_noise {fit.b_noise:.0f}, S_min {fit.s_min:.1f}, E_min {fit.e_min:.0f}, R^2 {fit.r2:.3f}")
     print(f"reference: batch {b_ref}, lr {lr_ref:.4g} (lambda {cost(grid[b_ref, lr_ref]['steps'], grid[b_ref, lr_ref]['examples'], fit.s_min, fit.e_min):.2f})")
-    print(f"{'start':<20} {'setting':<18} {'fixed S/E (lambda)':<26} {'adapted S/E (lambda)':<26} {'lambda per seed':<22} {'dominated':<9} ends at")
+    print(f"{'start':<20} {'setting':<18} {'fixed S/E (lambda)':<26} {'adapted S/E (lambda)':<26} {'lambda per seed':<22} {'dominated':<9} "
+          f"{'steps vs frontier at equal E':<29} ends at")
     for name, (b, lr, fixed, adapted) in results.items():
         f, a = median_of(fixed), median_of(adapted)
         lam_f = cost(f["steps"], f["examples"], fit.s_min, fit.e_min)
         lam_a = cost(a["steps"], a["examples"], fit.s_min, fit.e_min)
         per_seed = ", ".join(f"{cost(r['steps'], r['examples'], fit.s_min, fit.e_min):.2f}" for r in adapted)
         dominated = a["steps"] > f["steps"] and a["examples"] > f["examples"]
+        # the batch ramp: the adapted run's steps against the frontier's (the best fixed batch) at the same examples
+        at_e = fit.s_min * (1 + 1 / (a["examples"] / fit.e_min - 1)) if math.isfinite(a["examples"]) and a["examples"] > fit.e_min else math.nan
+        versus = f"{a['steps']:g} vs {at_e:.0f} ({a['steps'] / at_e - 1:+.0%})" if math.isfinite(at_e) else "-"
         print(f"{name:<20} {f'B={b} lr={lr:.3g}':<18} {f'''{f['steps']:g}/{f['examples']:g} ({lam_f:.2f})''':<26} "
               f"{f'''{a['steps']:g}/{a['examples']:g} ({lam_a:.2f})''':<26} {per_seed:<22} {'yes' if dominated else 'no':<9} "
-              f"batch {a['final_batch']:g}, lr {a['final_lr']:.3g}")
+              f"{versus:<29} batch {a['final_batch']:g}, lr {a['final_lr']:.3g}")
     if args.plot:
         import matplotlib
 

@@ -210,7 +210,7 @@ def test_adapters_in_a_fit_compose_with_a_scheduler_and_resume_exactly(tmp_path)
     logged = logger.series("gradnoise/lr_scale")
     assert logged and logged[-1][1] == pytest.approx(bsa.lr_scale * lra.lr_scale, rel=1e-12)
     assert logger.series("gradnoise/lr_scale/batch")[-1][1] == bsa.lr_scale
-    assert logger.series("gradnoise/lr_scale/gr_t")[-1][1] == lra.lr_scale
+    assert logger.series("gradnoise/lr_scale/line_search")[-1][1] == lra.lr_scale
     assert math.isfinite(float(model.lin.weight.sum()))
     # resume from the end of epoch 1 (after changes): same batch size, scales and next decisions
     (ckpt,) = glob.glob(str(tmp_path / "epoch=0-*.ckpt"))
@@ -227,7 +227,9 @@ def test_adapters_need_the_monitor() -> None:
     with pytest.raises(MisconfigurationError, match="GradNoiseMonitor"):
         L.Trainer(**trainer_kwargs(accumulate_grad_batches=2, callbacks=[BatchSizeAdapter()])).fit(model)
     with pytest.raises(MisconfigurationError, match="target='auto'"):
-        L.Trainer(**trainer_kwargs(accumulate_grad_batches=2, callbacks=[GradNoiseMonitor(statistics=("gr_t",)), LRAdapter(target="auto")])).fit(model)
+        L.Trainer(**trainer_kwargs(accumulate_grad_batches=2, callbacks=[GradNoiseMonitor(statistics=("gr_t",)), LRAdapter(rule="gr_t", target="auto")])).fit(model)
+    with pytest.raises(MisconfigurationError, match="b_simple"):
+        L.Trainer(**trainer_kwargs(accumulate_grad_batches=2, callbacks=[GradNoiseMonitor(statistics=("gr_t",)), LRAdapter()])).fit(model)
     with pytest.raises(MisconfigurationError, match="power of two"):
         L.Trainer(**trainer_kwargs(accumulate_grad_batches=3, callbacks=[GradNoiseMonitor(), BatchSizeAdapter()])).fit(model)
 

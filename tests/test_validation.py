@@ -58,6 +58,14 @@ def _mod(module, name):
     return getattr(importlib.import_module(f"lightning_gradnoise.{module}"), name)
 
 
+def _probe_after_a_step():
+    lin = nn.Linear(3, 2)
+    probe = _mod("capture", "StepProbe")(lin)
+    lin(torch.ones(1, 3)).sum().backward()
+    probe.before_step()
+    return probe
+
+
 def _method(cls_factory, method):
     return lambda **kw: getattr(cls_factory(), method)(**kw)
 
@@ -88,6 +96,17 @@ CASES: dict[str, Case] = {
                              {"num": T(10.0), "den": T(2.0), "v_num": T(1.0), "v_den": T(0.01), "cov": T(0.0), "t": 2.0},
                              {"num": ["x", None], "den": ["x", None], "v_num": ["x", T(-1.0)], "v_den": ["x", T(-1.0)],
                               "cov": ["x", None], "t": POSITIVE}),
+    "StepSizeRatio": Case(lambda **kw: _stats("StepSizeRatio")(**kw), {"decay": 0.9}, {"decay": HALF_OPEN_UNIT}),
+    "StepSizeRatio.update": Case(_method(lambda: _stats("StepSizeRatio")(), "update"), {"own": 2.0, "next_": 1.0, "noise": 0.1},
+                                 {"own": ["2", None], "next_": ["1", None], "noise": ["x", None]}),
+    "StepSizeRatio.reading": Case(_method(lambda: _stats("StepSizeRatio")(), "reading"), {"level": 0.9}, {"level": OPEN_UNIT}),
+    "ratio_interval": Case(lambda **kw: _stats("ratio_interval")(**kw),
+                           {"num": 10.0, "den": 2.0, "v_num": 1.0, "v_den": 0.01, "cov": 0.0, "t": 2.0},
+                           {"num": ["x", None], "den": ["x", None], "v_num": ["x", -1.0], "v_den": ["x", -1.0], "cov": ["x", None], "t": POSITIVE}),
+    "LossTrend": Case(lambda **kw: _stats("LossTrend")(**kw), {"window": 50}, {"window": ["50", None, True, 2, 2.5, -1]}),
+    "LossTrend.update": Case(_method(lambda: _stats("LossTrend")(), "update"), {"step": 3, "loss": 1.5},
+                             {"step": ["3", None], "loss": ["x", None]}),
+    "LossTrend.slope_interval": Case(_method(lambda: _stats("LossTrend")(), "slope_interval"), {"level": 0.9}, {"level": OPEN_UNIT}),
     "t_quantile": Case(lambda **kw: _stats("t_quantile")(**kw), {"level": 0.9, "df": 10.0},
                        {"level": OPEN_UNIT, "df": ["10", None, nan, 0.5, -1.0]}),
     "gsnr": Case(lambda **kw: _stats("gsnr")(**kw), {"mean_grad": T([1.0, 2.0]), "variance": T([0.5, 0.5])},
@@ -172,6 +191,17 @@ CASES: dict[str, Case] = {
     "LRController.decide": Case(_method(lambda: _mod("control", "LRController")(), "decide"), {"gr_t": 20.0, "scale": 1.0, "step": 100},
                                 {"gr_t": ["20", None, -1.0], "scale": POSITIVE, "step": ["100", None, 2.5, -1],
                                  "mu_over_b": ["x", -1.0], "age": ["x", 2.5, -1]}),
+    "StepSizeController": Case(lambda **kw: _mod("control", "StepSizeController")(**kw), {},
+                               {"band": [(1.5, 0.7), (0.0, 1.5), (0.7, 0.9), (1.1, 1.5), (0.7,), "ab", (nan, 1.5), None],
+                                "step_factor": ABOVE_ONE, "shrink_factor": ABOVE_ONE, "gain": POSITIVE, "min_pairs": TWO_OR_MORE, "first_pairs": NON_NEGATIVE_INT, "min_scale": POSITIVE + [2.0],
+                                "max_scale": POSITIVE + [0.5], "last_change": NON_NEGATIVE_INT, "ceiling": ["1", None, nan, 0.0, -1.0]}),
+    "StepSizeController.decide": Case(_method(lambda: _mod("control", "StepSizeController")(), "decide"),
+                                      {"ratio": 1.0, "interval": (0.8, 1.2), "scale": 1.0, "step": 100, "pairs": 10},
+                                      {"ratio": ["1", None], "interval": [(0.8,), "ab", None, (0.8, 1.2, 1.3)], "scale": POSITIVE,
+                                       "step": ["100", None, 2.5, -1], "pairs": ["10", None, 2.5, -1]}),
+    "noise_coupling": Case(lambda **kw: _mod("control", "noise_coupling")(**kw),
+                           {"optimizer": torch.optim.SGD(params(), lr=0.1), "params": params()},
+                           {"optimizer": [None, "sgd", nn.Linear(2, 2), torch.optim.Adagrad(params(), lr=0.1)], "params": ["x", [5], None]}),
     "gr_t_target": Case(lambda **kw: _mod("control", "gr_t_target")(**kw), {"mu_over_b": 1.0, "beta": 0.9},
                         {"mu_over_b": NON_NEGATIVE, "beta": OPEN_UNIT}),
     "lr_rule_for": Case(lambda **kw: _mod("control", "lr_rule_for")(**kw), {"optimizer": torch.optim.SGD(params(), lr=0.1)},
@@ -195,6 +225,10 @@ CASES: dict[str, Case] = {
     "SharedCapture": Case(lambda **kw: _mod("capture", "SharedCapture")(**kw),
                           {"leader": _mod("capture", "GradientMomentCollector")(named(), mode="swap")},
                           {"leader": ["x", None, nn.Linear(3, 2)]}),
+    "StepProbe": Case(lambda **kw: _mod("capture", "StepProbe")(**kw), {"params": nn.Linear(3, 2)},
+                      {"params": [5, None, [], [torch.zeros(2)]]}),
+    "StepProbe.after_step": Case(_method(lambda: _probe_after_a_step(), "after_step"), {"coupling": 0.1},
+                                 {"coupling": [[0.1], [0.1, 0.1, 0.1]]}),
     "uncovered_parameters": Case(lambda **kw: _mod("capture", "uncovered_parameters")(**kw), {"module": nn.Linear(3, 2)},
                                  {"module": ["x", None, 5]}),
     "GradientMomentCollector.begin_group": Case(_method(lambda: _mod("capture", "GradientMomentCollector")(named()).attach(), "begin_group"), {},
@@ -243,8 +277,10 @@ CASES: dict[str, Case] = {
                               "gr_t_beta": OPEN_UNIT, "per_layer": BOOL, "histograms": BOOL, "loss_reduction": ["avg", None, 1],
                               "batch_size_fn": [5, "len"], "level": OPEN_UNIT}),
     "LRAdapter": Case(lambda **kw: _mod("callbacks", "LRAdapter")(**kw), {},
-                      {"target": [inf, nan, 1.0, "20", "manual"], "tolerance": ABOVE_ONE, "step_factor": ABOVE_ONE,
-                       "cooldown": NON_NEGATIVE_INT, "min_scale": POSITIVE + [2.0], "max_scale": POSITIVE + [0.5], "gain": POSITIVE}),
+                      {"target": [inf, nan, 1.0, "20", "manual"], "tolerance": ABOVE_ONE, "step_factor": [v for v in ABOVE_ONE if v is not None],
+                       "cooldown": NON_NEGATIVE_INT, "min_scale": POSITIVE + [2.0], "max_scale": POSITIVE + [0.5], "gain": [v for v in POSITIVE if v is not None],
+                       "rule": ["grt", None, 5], "band": [(1.5, 0.7), (0.7,), None], "min_pairs": TWO_OR_MORE, "decay": HALF_OPEN_UNIT,
+                       "shrink_factor": ABOVE_ONE}),
     "VRMoments": Case(lambda **kw: _mod("callbacks", "VRMoments")(**kw), {}, {"loss_reduction": ["avg", None, 1], "batch_size_fn": [5, "len"]}),
     "scale_learning_rate": Case(lambda **kw: _mod("callbacks", "scale_learning_rate")(**kw),
                                 {"optimizer": torch.optim.SGD(params(), lr=0.1), "schedulers": [], "factor": 2.0},
@@ -265,7 +301,7 @@ for _name in ("VRSGD", "VRMomentum", "VRAdam", "VRAdamW", "VRLAMB", "VRLARS"):
 EXEMPT = {
     "__version__": "a string",
     "GR_S_BAND": "a constant", "GR_T_TARGET": "a constant", "RULES": "a constant", "ADAM_STYLE": "a constant",
-    "SGD_STYLE": "a constant", "PACK_LIMIT": "a constant", "SMALL_K": "a constant", "SUPPORTED_MODULES": "a constant", "STATISTICS": "a constant", "STRATEGY_NAMES": "a constant",
+    "SGD_STYLE": "a constant", "PACK_LIMIT": "a constant", "SMALL_K": "a constant", "SUPPORTED_MODULES": "a constant", "STATISTICS": "a constant", "STRATEGY_NAMES": "a constant", "LINE_SEARCH_OPTIMIZERS": "a constant",
     "REGISTRY": "the optimizer registry, a dict",
     "MisconfigurationError": "an exception class",
     "NoiseScaleStats": "a named tuple of results the estimators return",

@@ -68,7 +68,7 @@ def _monitor(trainer: Any, needs: str, who: str) -> GradNoiseMonitor:
 def _lr_scales(trainer: Any) -> dict[str, float]:
     """What the adapters multiply the schedule's learning rate by: ``gradnoise/lr_scale`` is the
     factor actually applied (the product), the others each adapter's own part."""
-    parts = {f"gradnoise/lr_scale/{'batch' if isinstance(cb, BatchSizeAdapter) else 'gr_t'}": cb.lr_scale
+    parts = {f"gradnoise/lr_scale/{'batch' if isinstance(cb, BatchSizeAdapter) else cb.rule}": cb.lr_scale
              for cb in trainer.callbacks if isinstance(cb, (BatchSizeAdapter, LRAdapter))}
     return {"gradnoise/lr_scale": math.prod(parts.values()), **parts}
 
@@ -81,6 +81,25 @@ def _log_text(trainer: Any, reason: str) -> None:
             logger.experiment.add_text("gradnoise/decisions", reason, trainer.global_step)
         elif kind == "WandbLogger":
             logger.experiment.log({"gradnoise/decisions": reason, "trainer/global_step": trainer.global_step})
+
+
+def _dataset_size(trainer: Any) -> Optional[int]:
+    """How many examples an epoch draws from, when the training data is a sized map-style
+    dataset sampled without replacement (``None`` otherwise: an iterable stream, a sampler with
+    replacement)."""
+    from torch.utils.data import IterableDataset, RandomSampler
+
+    loader = getattr(trainer, "train_dataloader", None)
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset):
+        return None
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, RandomSampler) and sampler.replacement:
+        return None
+    try:
+        return int(len(dataset))
+    except TypeError:
+        return None
 
 
 def _schedulers(trainer: Any) -> list[Any]:
@@ -300,27 +319,31 @@ class LRAdapter(CallbackBase):
         min_pairs: line search: step pairs to measure at a rate before moving it.
         decay: line search: the EMA decay of :math:`r`'s means.
         target, tolerance, cooldown: ``gr_t`` only (see :class:`~lightning_gradnoise.control.LRController`).
-        step_factor: the most one decision multiplies or divides the rate by (default 1.5).
+        step_factor: the most one decision multiplies the rate by (default 1.5; for ``gr_t``,
+            divides by too).
+        shrink_factor: line search: the most one decision divides the rate by.
         gain: the power of the move (default 1 for the line search, 0.5 for ``gr_t``).
         min_scale, max_scale: bounds on the product of all moves.
     """
 
     def __init__(self, rule: str = "line_search", target: float | str = 20.0, tolerance: float = 1.5,
                  step_factor: Optional[float] = None, cooldown: int = 50, min_scale: float = 1e-3, max_scale: float = 1e3,
-                 gain: Optional[float] = None, band: tuple[float, float] = (0.7, 1.5), min_pairs: int = 10, decay: float = 0.9) -> None:
+                 gain: Optional[float] = None, band: tuple[float, float] = (0.7, 2.0), min_pairs: int = 10, decay: float = 0.9,
+                 shrink_factor: float = 2.0) -> None:
         self.rule = check_choice("rule", rule, ("line_search", "gr_t"))
         step_factor = check_optional(check_number, "step_factor", step_factor, low=1, low_open=True)
         gain = check_optional(check_number, "gain", gain, low=0, low_open=True)
-        self.controller: Any
-        if self.rule == "gr_t":
-            self.controller = LRController(target=target, tolerance=tolerance, step_factor=step_factor or 1.5, cooldown=cooldown,
-                                           min_scale=min_scale, max_scale=max_scale, gain=gain or 0.5)
-        else:
-            self.controller = StepSizeController(band=band, step_factor=step_factor or 1.5, gain=gain or 1.0, min_pairs=min_pairs,
-                                                 min_scale=min_scale, max_scale=max_scale)
+        # both built, so that every argument is checked whichever rule is chosen
+        by_gr_t = LRController(target=target, tolerance=tolerance, step_factor=step_factor or 1.5, cooldown=cooldown,
+                               min_scale=min_scale, max_scale=max_scale, gain=gain or 0.5)
+        by_line_search = StepSizeController(band=band, step_factor=step_factor or 1.5, shrink_factor=shrink_factor, gain=gain or 1.0, min_pairs=min_pairs,
+                                            min_scale=min_scale, max_scale=max_scale)
+        self.controller: Any = by_gr_t if self.rule == "gr_t" else by_line_search
         self.ratio = StepSizeRatio(decay)
-        self.trend = LossTrend()
-        self._step_loss: list[float] = []
+        self.trend = LossTrend(window=200)
+        self._step_loss: list[torch.Tensor] = []
+        self._step_examples = 0
+        self._dataset_size: Optional[int] = None
         self.lr_scale = 1.0
         self.decisions: list[tuple[int, str]] = []
         self._seen: Any = None
@@ -362,6 +385,7 @@ class LRAdapter(CallbackBase):
         except ValueError as err:
             raise MisconfigurationError(str(err)) from None
         self.probe = StepProbe(pl_module)
+        self._dataset_size = _dataset_size(trainer)
         if self._probe_state is not None:
             self.probe.load_state_dict(self._probe_state)
             self._probe_state = None
@@ -382,16 +406,19 @@ class LRAdapter(CallbackBase):
         self._pending = None
         self._stepped = True
 
-    def _noise_fraction(self) -> float:
-        r"""The share of :math:`\mathbb E|\hat g|^2` that is noise at the current batch,
-        :math:`B_\text{simple}/(B + B_\text{simple})` (NaN when not known)."""
-        latest = self.monitor.latest
-        b_simple, batch = latest.get("b_simple", math.nan), latest.get("batch_size") or math.nan
-        if not (batch > 0) or math.isnan(b_simple):
+    def _noise_per_batch(self, examples: int) -> float:
+        r""":math:`\mathrm{tr}(\Sigma)/B` for the step just taken, :math:`B` = ``examples`` (all
+        ranks), times :math:`(N - B)/(N - 1)` for a dataset of :math:`N` examples drawn without
+        replacement (a batch that is a third of the data has a third less noise). The per-example
+        trace comes from the monitor's latest reading, which does not depend on the batch (the
+        reading's own batch may be a few steps stale after a batch change). NaN before the first
+        reading."""
+        trace = self.monitor.latest.get("trace_cov", math.nan)
+        if not (examples > 0 and math.isfinite(trace)):
             return math.nan
-        if b_simple < 0 or math.isinf(b_simple):  # |G|^2 not resolved from zero: all noise
-            return 1.0
-        return b_simple / (batch + b_simple)
+        noise = max(trace, 0.0) / examples
+        n = self._dataset_size
+        return noise * (n - examples) / (n - 1) if n and n > examples else noise
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.rule == "gr_t":
@@ -399,44 +426,59 @@ class LRAdapter(CallbackBase):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            self._step_loss.append(float(loss.detach()))
+            self._step_loss.append(loss.detach())
+        self._step_examples += int(self.monitor._micro_size or 0)
         if not self._stepped or self.probe is None:
             return
         self._stepped = False
         if self._step_loss:
-            self.trend.update(trainer.global_step, sum(self._step_loss))
-        self._step_loss = []
+            self.trend.update(trainer.global_step, float(torch.stack(self._step_loss).sum()))
+        examples, self._step_loss, self._step_examples = self._step_examples * trainer.world_size, [], 0
         optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
         measured = self.probe.after_step(noise_coupling(optimizer, self.probe.params))
-        fraction = self._noise_fraction()
-        if measured is not None and math.isfinite(fraction):
-            self._pending = (measured[0], fraction * measured[1])
+        noise = self._noise_per_batch(examples)
+        if measured is not None and math.isfinite(noise) and measured[2] > 0:
+            own, jg2, g2 = measured
+            # E[step . noise] = sum_i J_i sigma_i^2 / B, with the noise spread over the elements like
+            # the gradient's energy: tr(Sigma)/B * sum J g^2 / |g|^2 (exact for SGD, where J is one number)
+            self._pending = (own, noise * jg2 / g2)
+        pairs, every = self.ratio.count, self.controller.min_pairs
+        logging = self.monitor.latest is not self._seen
+        testing = pairs >= every and pairs % every == 0  # the rule tests its reading once per min_pairs pairs
+        if not (logging or testing):
+            return
         reading = self.ratio.reading(self.monitor.level)
-        if self.monitor.latest is not self._seen:
+        if logging:
             self._seen = self.monitor.latest
             if trainer.is_global_zero:
                 log_scalars(trainer.loggers, {f"gradnoise/{k}": v for k, v in reading.items()}, trainer.global_step)
+        if not testing:
+            return
         batch_adapter = self.batch_adapter
         if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
             return  # one adapter moves per step
-        # the inputs are all-reduced gradients and parameters identical on every rank: so is the decision
         interval = (reading["lr_ratio_lo"], reading["lr_ratio_hi"])
-        slope = None
-        if interval[1] < self.controller.band[0]:
-            # about to lower: each rank has only its own losses, so the slope is taken from all of them
-            # (every rank gets here at the same step: the ratio comes from all-reduced gradients)
-            losses = torch.tensor(self.trend.losses, dtype=torch.float64)
-            losses = trainer.strategy.reduce(losses, reduce_op="mean") if trainer.world_size > 1 else losses
-            trend = LossTrend(self.trend.window)
-            for step, value in zip(self.trend.steps, losses.tolist()):
-                trend.update(step, value)
-            slope = trend.slope_interval(self.monitor.level)
+        slope = self._loss_slope(trainer)
         decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, self.ratio.count, slope)
         if decision.changed:
             self._apply(trainer, decision.value, decision.reason)
             self.ratio.reset()
             self.trend.reset()
             self._pending = None
+
+    def _loss_slope(self, trainer: Any) -> Optional[tuple[float, float]]:
+        """The interval of the loss's slope since the last change, from every rank's losses
+        (each rank sees only its own batches; every rank tests at the same step, since the ratio
+        comes from all-reduced gradients). ``None`` with fewer than ``2 * min_pairs`` steps."""
+        if len(self.trend.losses) < 2 * self.controller.min_pairs:
+            return None
+        trend = self.trend
+        if trainer.world_size > 1:
+            losses = trainer.strategy.reduce(torch.tensor(self.trend.losses, dtype=torch.float64), reduce_op="mean")
+            trend = LossTrend(self.trend.window)
+            for step, value in zip(self.trend.steps, losses.tolist()):
+                trend.update(step, value)
+        return trend.slope_interval(self.monitor.level)
 
     def _gr_t_step(self, trainer: Any) -> None:
         latest = self.monitor.latest

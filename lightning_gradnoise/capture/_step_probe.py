@@ -2,7 +2,7 @@ r"""The dot products of a step with the gradients around it (plain PyTorch).
 
 :class:`StepProbe` keeps one parameter-sized buffer: the parameters before a step, then the step
 :math:`\Delta_t = \theta_t - \theta_{t+1}` itself. From it, per optimizer step,
-:math:`\Delta_t\cdot\hat g_t`, :math:`\sum_i J_i\hat g_{t,i}^2` and, at the next step,
+:math:`\Delta_t\cdot\hat g_t`, :math:`\sum_i J_i\hat g_{t,i}^2`, :math:`|\hat g_t|^2` and, at the next step,
 :math:`\Delta_t\cdot\hat g_{t+1}`: what :class:`~lightning_gradnoise.stats.StepSizeRatio` needs.
 The gradients are read where the optimizer reads them, so under DDP they are the all-reduced ones
 and every rank computes the same numbers.
@@ -43,7 +43,7 @@ class StepProbe:
         >>> probe.before_step() is None   # no earlier step to compare with
         True
         >>> opt.step()
-        >>> own, jg2 = probe.after_step(coupling=0.1)
+        >>> own, jg2, g2 = probe.after_step(coupling=0.1)
         >>> round(own, 6) == round(jg2, 6)   # SGD: the step is 0.1 g, so both are 0.1 |g|^2
         True
     """
@@ -88,9 +88,9 @@ class StepProbe:
         return out
 
     @torch.no_grad()
-    def after_step(self, coupling: Coupling) -> Optional[tuple[float, float]]:
+    def after_step(self, coupling: Coupling) -> Optional[tuple[float, float, float]]:
         r"""Turns the kept :math:`\theta_t` into :math:`\Delta_t` and returns
-        :math:`(\Delta_t\cdot\hat g_t,\ \sum_i J_i\hat g_{t,i}^2)`; ``coupling`` is :math:`J`: one
+        :math:`(\Delta_t\cdot\hat g_t,\ \sum_i J_i\hat g_{t,i}^2,\ |\hat g_t|^2)`; ``coupling`` is :math:`J`: one
         number for every element, or one number or tensor per parameter. ``None`` when the
         step did not move the parameters (a skipped step)."""
         if self._buffer is None:
@@ -98,7 +98,7 @@ class StepProbe:
         per_param = coupling if isinstance(coupling, (list, tuple)) else [coupling] * len(self.params)
         if len(per_param) != len(self.params):
             fail("coupling", f"<{len(per_param)} entries>", f"one number, or one entry per parameter ({len(self.params)})")
-        own, jg2, moved = [], [], []
+        own, jg2, g2, moved = [], [], [], []
         for i, p, g in self._with_grads():
             buf = self._buffer[i]
             if buf is None:
@@ -106,12 +106,14 @@ class StepProbe:
             buf.sub_(p)
             own.append(_dot(buf, g))
             j = per_param[i]
-            jg2.append((g.to(torch.float64).square() * j).sum() if isinstance(j, Tensor) else float(j) * _dot(g, g))
+            sq = _dot(g, g)
+            g2.append(sq)
+            jg2.append((g.to(torch.float64).square() * j).sum() if isinstance(j, Tensor) else float(j) * sq)
             moved.append(buf.abs().max())
         self._holds_step = bool(moved) and bool(torch.stack(moved).max() > 0)
         if not self._holds_step:
             return None
-        return float(torch.stack(own).sum()), float(torch.stack(jg2).sum())
+        return float(torch.stack(own).sum()), float(torch.stack(jg2).sum()), float(torch.stack(g2).sum())
 
     def state_dict(self) -> dict[str, Any]:
         buf = None if self._buffer is None else [None if b is None else b.detach().cpu().clone() for b in self._buffer]

@@ -35,10 +35,15 @@ __all__ = ["StepSizeController", "noise_coupling", "LINE_SEARCH_OPTIMIZERS"]
 LINE_SEARCH_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 
-def _is(optimizer: Any, name: str) -> bool:
-    return any(cls.__name__ == name and cls.__module__.startswith("torch.optim") for cls in type(optimizer).__mro__) and not type(
-        optimizer
-    ).__name__.lower().startswith("vr")
+def _kind(optimizer: Any) -> str | None:
+    """The most derived ``torch.optim`` class among :data:`LINE_SEARCH_OPTIMIZERS` (AdamW may
+    derive from Adam); ``None`` for others and for the VR variants, whose step differs."""
+    if type(optimizer).__name__.lower().startswith("vr"):
+        return None
+    for cls in type(optimizer).__mro__:
+        if cls.__name__ in LINE_SEARCH_OPTIMIZERS and cls.__module__.startswith("torch.optim"):
+            return cls.__name__
+    return None
 
 
 def noise_coupling(optimizer: Any, params: Sequence[Tensor]) -> list[Union[float, Tensor]]:
@@ -47,8 +52,10 @@ def noise_coupling(optimizer: Any, params: Sequence[Tensor]) -> list[Union[float
 
     - SGD: :math:`\eta` (times :math:`1 - \text{dampening}` with a momentum buffer, and
       :math:`1 + \mu` with Nesterov).
-    - Adam, AdamW: :math:`\eta(1-\beta_1)/(1-\beta_1^t)\,/\,(\sqrt{v_t/(1-\beta_2^t)} + \epsilon)`
-      (the dependence of :math:`v_t` on :math:`\hat g_t`, of order :math:`1-\beta_2`, is left out).
+    - Adam, AdamW: the derivative of :math:`\eta\,\hat m_t/(\sqrt{\hat v_t} + \epsilon)` in
+      :math:`\hat g_t`, through both moments:
+      :math:`\frac{\eta}{\sqrt{\hat v_t}+\epsilon}\big(\frac{1-\beta_1}{1-\beta_1^t} -
+      \frac{\hat m_t(1-\beta_2)\hat g_t}{(1-\beta_2^t)(\sqrt{\hat v_t}+\epsilon)\sqrt{\hat v_t}}\big)`.
 
     Call it after ``optimizer.step()``. Raises ``ValueError`` for other optimizers.
 
@@ -58,7 +65,11 @@ def noise_coupling(optimizer: Any, params: Sequence[Tensor]) -> list[Union[float
         >>> noise_coupling(opt, [w])
         [0.1]
     """
-    kind = next((name for name in LINE_SEARCH_OPTIMIZERS if _is(optimizer, name)), None)
+    if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "state")):
+        fail("optimizer", optimizer, "a torch optimizer (with param_groups and state)", TypeError)
+    if isinstance(params, (str, bytes, Tensor)) or not hasattr(params, "__iter__") or not all(isinstance(p, Tensor) for p in params):
+        fail("params", params, "a sequence of tensors", TypeError)
+    kind = _kind(optimizer)
     if kind is None:
         raise ValueError(
             f"optimizer={type(optimizer).__name__}: the line-search learning-rate rule knows the step of "
@@ -84,14 +95,26 @@ def noise_coupling(optimizer: Any, params: Sequence[Tensor]) -> list[Union[float
                 j *= 1.0 + mom
             out.append(j)
             continue
-        if "exp_avg_sq" not in state:
+        if "exp_avg_sq" not in state or p.grad is None:
             out.append(0.0)
             continue
         beta1, beta2 = group["betas"]
         t = float(state["step"])
-        v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-        denom = (v.to(torch.float64) / (1.0 - beta2**t)).sqrt() + float(group["eps"])
-        out.append(lr * (1.0 - beta1) / (1.0 - beta1**t) / denom)
+        b1, b2 = 1.0 - beta1**t, 1.0 - beta2**t
+        v = state["exp_avg_sq"].to(torch.float64)
+        v_used = state["max_exp_avg_sq"].to(torch.float64) if group.get("amsgrad") else v
+        root = (v_used / b2).sqrt()
+        denom = root + float(group["eps"])
+        g = p.grad.to(torch.float64)
+        if group.get("weight_decay") and kind == "Adam":  # Adam's L2 term is part of the gradient it sees
+            g = g + float(group["weight_decay"]) * p.detach().to(torch.float64)
+        m_hat = state["exp_avg"].to(torch.float64) / b1
+        # d/dg of m_hat / (sqrt(v_hat) + eps): the first moment's share, less the second moment's
+        # (through v_hat, where it is the one used: not where amsgrad's max holds an older value)
+        through_v = m_hat * (1.0 - beta2) * g / (b2 * denom * root.clamp_min(1e-300))
+        if group.get("amsgrad"):
+            through_v = torch.where(v_used == v, through_v, torch.zeros_like(through_v))
+        out.append(lr / denom * ((1.0 - beta1) / b1 - through_v))
     return out
 
 
@@ -101,28 +124,36 @@ class StepSizeController:
     along its own direction (:math:`r`, :class:`~lightning_gradnoise.stats.StepSizeRatio`).
 
     Outside the band (the whole interval of :math:`r` on one side) the multiplier changes by
-    :math:`r^\text{gain}` to grow and :math:`(r/\sqrt{\text{low}\cdot\text{high}})^\text{gain}` to
-    shrink, at most ``step_factor`` either way, never past ``[min_scale, max_scale]``. Nothing
-    moves before ``min_pairs`` pairs of steps have been measured since the last change.
+    :math:`r^\text{gain}` to grow, at most ``step_factor``, and by
+    :math:`(r/\sqrt{\text{low}\cdot\text{high}})^\text{gain}` to shrink, at most ``shrink_factor``
+    (larger: an overshooting rate costs more than a short one), never past ``[min_scale, max_scale]``. Nothing
+    moves before ``min_pairs`` pairs of steps have been measured since the last change
+    (``first_pairs`` for the first decision of a run), and the
+    reading is tested once per ``min_pairs`` pairs (a 90% interval tested at every step would
+    say something false every few dozen steps). A rate that was raised and then found to
+    overshoot becomes a ceiling: later raises stop below it.
 
     Examples:
-        >>> c = StepSizeController()
+        >>> c = StepSizeController(first_pairs=0)
         >>> c.decide(ratio=5.0, interval=(3.0, 8.0), scale=1.0, step=10, pairs=10).value   # 10x too small
         1.5
-        >>> round(c.decide(ratio=0.3, interval=(0.2, 0.45), scale=1.5, step=20, pairs=10).value, 3)   # overshooting
-        1.0
-        >>> c.decide(ratio=0.6, interval=(0.3, 3.0), scale=1.0, step=30, pairs=10).reason
-        'step ratio 0.6 (interval 0.3-3): the interval reaches into 0.7-1.5, wait'
+        >>> c.decide(ratio=0.5, interval=(0.3, 0.65), scale=1.5, step=20, pairs=10, loss_slope=(-0.01, 0.02)).value   # at the floor
+        0.75
+        >>> c.decide(ratio=0.4, interval=(0.2, 0.6), scale=1.0, step=30, pairs=10, loss_slope=(-0.03, -0.01)).reason
+        'step ratio 0.4 (interval 0.2-0.6) below 0.7, but the loss still falls (loss slope -0.03 to -0.01 per step): keep the rate'
     """
 
-    band: tuple[float, float] = (0.7, 1.5)
+    band: tuple[float, float] = (0.7, 2.0)
     step_factor: float = 1.5
+    shrink_factor: float = 2.0
     gain: float = 1.0
     min_pairs: int = 10
+    first_pairs: int = 30
     min_scale: float = 1e-3
     max_scale: float = 1e3
     last_change: int = 0
     ceiling: float = math.inf
+    raised_last: bool = False
 
     def __post_init__(self) -> None:
         band = check_numbers("band", self.band, length=2, low=0, low_open=True)
@@ -130,8 +161,10 @@ class StepSizeController:
             fail("band", self.band, "(low, high) with 0 < low < 1 < high")
         self.band = (band[0], band[1])
         self.step_factor = check_number("step_factor", self.step_factor, low=1, low_open=True)
+        self.shrink_factor = check_number("shrink_factor", self.shrink_factor, low=1, low_open=True)
         self.gain = check_number("gain", self.gain, low=0, low_open=True)
         self.min_pairs = check_int("min_pairs", self.min_pairs, low=2)
+        self.first_pairs = check_int("first_pairs", self.first_pairs, low=0)
         self.min_scale = check_number("min_scale", self.min_scale, low=0, low_open=True, high=1)
         self.max_scale = check_number("max_scale", self.max_scale, low=1)
         self.last_change = check_int("last_change", self.last_change, low=0)
@@ -140,52 +173,67 @@ class StepSizeController:
     def decide(self, ratio: float, interval: tuple[float, float], scale: float, step: int, pairs: int,
                loss_slope: tuple[float, float] | None = None) -> Decision:
         """The multiplier for the next steps, from :math:`r` and its interval measured over
-        ``pairs`` pairs of steps at the current multiplier ``scale``.
+        ``pairs`` pairs of steps at the current multiplier ``scale``, and ``loss_slope``, the
+        interval of the training loss's slope per step since the last change
+        (:class:`~lightning_gradnoise.stats.LossTrend`; ``None``: not known yet).
 
-        ``loss_slope``: the interval of the training loss's slope per step at this rate
-        (:class:`~lightning_gradnoise.stats.LossTrend`). While it lies below zero the loss still
-        falls, and the rate is not lowered whatever :math:`r` says (short-horizon bias)."""
+        - Raise when :math:`r`'s interval lies above the band: the step is too short.
+        - Lower when the loss has stopped falling (its fitted slope is not negative) and the
+          step is not too short (:math:`r < 1`, its interval not above the band): at the noise floor of the current rate, or where
+          the steepest directions oscillate (there :math:`r` sits near 1/2 to 0.7 whatever the
+          rate, and says nothing about it).
+        - Otherwise hold, also when :math:`r` reads below the band while the loss still falls
+          (short-horizon bias: the greedy step is not the best rate over many steps)."""
         ratio = check_number("ratio", ratio, finite=False, nan_ok=True)
         lo, hi = check_numbers("interval", interval, length=2, finite=False, nan_ok=True)
         scale = check_number("scale", scale, low=0, low_open=True)
         check_int("step", step, low=0)
         pairs = check_int("pairs", pairs, low=0)
+        if loss_slope is not None:
+            loss_slope = tuple(check_numbers("loss_slope", loss_slope, length=2, finite=False, nan_ok=True))  # type: ignore[assignment]
         low, high = self.band
         if pairs < self.min_pairs:
             return Decision(scale, False, f"{pairs} of {self.min_pairs} step pairs measured at this learning rate")
-        if math.isnan(lo) or math.isnan(hi):
-            return Decision(scale, False, f"step ratio {ratio:.3g}: no interval yet")
+        if pairs % self.min_pairs:
+            return Decision(scale, False, f"{pairs} step pairs measured: tested every {self.min_pairs}")
+        if self.last_change == 0 and not self.raised_last and pairs < self.first_pairs:
+            # from initialization the loss curves less along the step than it will a few dozen
+            # steps later (progressive sharpening, Cohen et al. 2021): r reads high at any rate
+            return Decision(scale, False, f"{pairs} of {self.first_pairs} step pairs measured since the start of training")
         shown = f"step ratio {ratio:.3g} (interval {lo:.3g}-{hi:.3g})"
+        # stopped: the fitted slope is not negative (its interval's middle), not merely unresolved
+        flat = loss_slope is not None and not math.isnan(loss_slope[1]) and loss_slope[0] + loss_slope[1] >= 0
+        slope = f"loss slope {loss_slope[0]:.3g} to {loss_slope[1]:.3g} per step" if loss_slope is not None else ""
         if lo > high:
             grow = ratio if math.isfinite(ratio) and ratio > 0 else self.step_factor
             factor = min(grow**self.gain, self.step_factor)
             why = f"{shown} above {high:g}: the step is too short, raise the learning rate"
-        elif hi < low and loss_slope is not None and loss_slope[1] < 0:
-            return Decision(scale, False, f"{shown} below {low:g}, but the loss still falls "
-                                          f"(slope {loss_slope[0]:.3g} to {loss_slope[1]:.3g} per step): keep the rate")
-        elif hi < low:
+        elif flat and not (hi > high) and ratio < 1.0:
+            # r near 1/2 (the floor) asks for half the rate; never less than 1/shrink_factor
             shrink = ratio / math.sqrt(low * high) if math.isfinite(ratio) and ratio > 0 else 0.0
-            factor = max(shrink**self.gain if shrink > 0 else 0.0, 1.0 / self.step_factor)
-            why = f"{shown} below {low:g}: the step overshoots, lower the learning rate"
-        elif low <= ratio <= high:
-            return Decision(scale, False, f"{shown} in {low:g}-{high:g}")
+            factor = min(max(shrink**self.gain, 1.0 / self.shrink_factor), 1.0 / math.sqrt(self.shrink_factor))
+            why = f"{shown}, {slope}: the loss has stopped falling, lower the learning rate"
+        elif hi < low:
+            return Decision(scale, False, f"{shown} below {low:g}, but the loss still falls ({slope or 'slope not known yet'}): keep the rate")
         else:
-            return Decision(scale, False, f"{shown}: the interval reaches into {low:g}-{high:g}, wait")
+            return Decision(scale, False, f"{shown}" + (f", {slope}" if slope else "") + ": keep the rate")
         new = min(max(scale * factor, self.min_scale), self.max_scale)
         if factor > 1:  # never back to a rate that has overshot (the steepest directions stay steep)
             new = min(new, self.ceiling / math.sqrt(self.step_factor))
             if new <= scale:
                 return Decision(scale, False, why + f", but x{self.ceiling / scale:.3g} overshot before")
-        else:
+        elif self.raised_last:  # the last raise went too far
             self.ceiling = min(self.ceiling, scale)
+        self.raised_last = factor > 1
         if new == scale:
             return Decision(scale, False, why + ", but the scale is at its bound")
         self.last_change = step
         return Decision(new, True, why + f": x{new / scale:.3g}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_change": self.last_change, "ceiling": self.ceiling}
+        return {"last_change": self.last_change, "ceiling": self.ceiling, "raised_last": self.raised_last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_change = int(state["last_change"])
         self.ceiling = float(state["ceiling"])
+        self.raised_last = bool(state["raised_last"])

@@ -114,8 +114,11 @@ class StepSizeRatio:
         r"""Fold in one step: ``own`` :math:`=\Delta_t\cdot\hat g_t`, ``next_``
         :math:`=\Delta_t\cdot\hat g_{t+1}`, ``noise`` :math:`= n_t`. A non-finite value is refused
         (returns ``False``) and leaves the statistic as it was."""
-        c = float(own) - float(noise)
-        d = c - float(next_)
+        own = check_number("own", own, finite=False, nan_ok=True)
+        next_ = check_number("next_", next_, finite=False, nan_ok=True)
+        noise = check_number("noise", noise, finite=False, nan_ok=True)
+        c = own - noise
+        d = c - next_
         if not (math.isfinite(c) and math.isfinite(d)):
             return False
         return self.moments.update_many(torch.tensor([d], dtype=torch.float64), torch.tensor([c], dtype=torch.float64)) == 1
@@ -175,7 +178,9 @@ class LossTrend:
 
     def update(self, step: float, loss: float) -> bool:
         """Add one step's loss; a non-finite one is refused (returns ``False``)."""
-        if not (math.isfinite(float(step)) and math.isfinite(float(loss))):
+        step = check_number("step", step, finite=False, nan_ok=True)
+        loss = check_number("loss", loss, finite=False, nan_ok=True)
+        if not (math.isfinite(step) and math.isfinite(loss)):
             return False
         self.steps.append(float(step))
         self.losses.append(float(loss))
