@@ -198,7 +198,8 @@ def test_adapters_in_a_fit_compose_with_a_scheduler_and_resume_exactly(tmp_path)
     assert bsa.decisions and trainer.accumulate_grad_batches > 2  # the batch grew mid-epoch
     assert any(s % 64 for s, _ in bsa.decisions)  # not only at epoch boundaries (64 steps at K=2)
     # the two adapters never move in one step, and the learning rate waits a cooldown after a batch move
-    assert lra.decisions
+    assert lra.decisions and all("interval" in reason for _, reason in lra.decisions)
+    assert logger.series("gradnoise/decision/lr_scale") and logger.series("gradnoise/lr_ratio")
     for step, _ in lra.decisions:
         assert not any(0 <= step - b < 10 for b, _ in bsa.decisions), (step, bsa.decisions)
     # the learning rate actually used = the schedule (LambdaLR from base 0.02) x both scales
@@ -237,7 +238,8 @@ def test_adapters_need_the_monitor() -> None:
 def test_batch_changes_mid_epoch_under_ddp_without_hang_and_ranks_agree(tmp_path) -> None:
     ranks = launch(tmp_path, "adapt", steps=200, accumulate=2, lr=0.02, batch=4, every=5, decay=0.95)
     a, b = ranks
-    assert a["decisions"] == b["decisions"] and a["decisions"][0]  # same decisions, and some
+    assert a["decisions"] == b["decisions"] and a["decisions"][0] and a["decisions"][1]  # same decisions of both adapters, and some
+    assert all("interval" in reason for adapter in a["decisions"] for _, reason in adapter)
     assert a["accumulate"] == b["accumulate"] and max(a["accumulate"]) > 2  # the batch changed
     assert a["weight"] == b["weight"] and all(math.isfinite(w) for w in a["weight"])
     assert a["micro_batches_seen"] == b["micro_batches_seen"] == 400  # every batch of the epoch, once
@@ -249,7 +251,8 @@ def test_ddp_run_resumed_after_a_change_continues_identically(tmp_path) -> None:
     full = launch(tmp_path, "adapt", ckpt_dir=ckpt_dir, **common)
     (ckpt,) = glob.glob(str(ckpt_dir / "epoch=0-*.ckpt"))
     resumed = launch(tmp_path, "adapt", resume=ckpt, **common)
-    assert full[0]["decisions"][0]  # the batch changed during the first epoch
+    assert full[0]["decisions"][0] and full[0]["decisions"][1]  # both adapters moved
+    assert any(step <= 100 for step, _ in full[0]["decisions"][1])  # the learning rate moved during the first epoch
     for a, b in zip(full, resumed):
         assert b["decisions"] == a["decisions"] and b["lr_scales"] == a["lr_scales"]
         assert b["final_accumulate"] == a["final_accumulate"] and b["weight"] == a["weight"]

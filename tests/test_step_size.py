@@ -132,7 +132,7 @@ def test_the_probe_measures_the_step_against_the_gradients_around_it() -> None:
 
 
 def test_the_rule_lowers_only_once_the_loss_stops_falling_and_remembers_an_overshoot() -> None:
-    c = StepSizeController(first_pairs=0)
+    c = StepSizeController(first_steps=0)
     low = (0.2, 0.5)
     held = c.decide(0.35, low, scale=1.0, step=10, pairs=10, loss_slope=(-0.3, -0.1))
     assert not held.changed and "still falls" in held.reason

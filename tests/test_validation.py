@@ -193,7 +193,7 @@ CASES: dict[str, Case] = {
                                  "mu_over_b": ["x", -1.0], "age": ["x", 2.5, -1]}),
     "StepSizeController": Case(lambda **kw: _mod("control", "StepSizeController")(**kw), {},
                                {"band": [(1.5, 0.7), (0.0, 1.5), (0.7, 0.9), (1.1, 1.5), (0.7,), "ab", (nan, 1.5), None],
-                                "step_factor": ABOVE_ONE, "shrink_factor": ABOVE_ONE, "gain": POSITIVE, "min_pairs": TWO_OR_MORE, "first_pairs": NON_NEGATIVE_INT, "min_scale": POSITIVE + [2.0],
+                                "step_factor": ABOVE_ONE, "shrink_factor": ABOVE_ONE, "gain": POSITIVE, "min_pairs": TWO_OR_MORE, "first_steps": NON_NEGATIVE_INT, "min_scale": POSITIVE + [2.0],
                                 "max_scale": POSITIVE + [0.5], "last_change": NON_NEGATIVE_INT, "ceiling": ["1", None, nan, 0.0, -1.0]}),
     "StepSizeController.decide": Case(_method(lambda: _mod("control", "StepSizeController")(), "decide"),
                                       {"ratio": 1.0, "interval": (0.8, 1.2), "scale": 1.0, "step": 100, "pairs": 10},

@@ -396,7 +396,9 @@ class LRAdapter(CallbackBase):
         if self.probe is None:
             return
         following = self.probe.before_step()
-        if trainer.accumulate_grad_batches != self._accumulate:  # a new batch: measure afresh
+        if trainer.accumulate_grad_batches != self._accumulate:
+            # a new batch, its learning rate rescaled by BatchSizeAdapter: measure afresh (keeping
+            # the pairs before it made the learning rate overshoot after batch changes)
             self._accumulate = trainer.accumulate_grad_batches
             self.ratio.reset()
             self.trend.reset()
@@ -459,7 +461,7 @@ class LRAdapter(CallbackBase):
             return  # one adapter moves per step
         interval = (reading["lr_ratio_lo"], reading["lr_ratio_hi"])
         slope = self._loss_slope(trainer)
-        decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, self.ratio.count, slope)
+        decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope)
         if decision.changed:
             self._apply(trainer, decision.value, decision.reason)
             self.ratio.reset()

@@ -128,13 +128,13 @@ class StepSizeController:
     :math:`(r/\sqrt{\text{low}\cdot\text{high}})^\text{gain}` to shrink, at most ``shrink_factor``
     (larger: an overshooting rate costs more than a short one), never past ``[min_scale, max_scale]``. Nothing
     moves before ``min_pairs`` pairs of steps have been measured since the last change
-    (``first_pairs`` for the first decision of a run), and the
+    (and none before optimizer step ``first_steps``), and the
     reading is tested once per ``min_pairs`` pairs (a 90% interval tested at every step would
     say something false every few dozen steps). A rate that was raised and then found to
     overshoot becomes a ceiling: later raises stop below it.
 
     Examples:
-        >>> c = StepSizeController(first_pairs=0)
+        >>> c = StepSizeController(first_steps=0)
         >>> c.decide(ratio=5.0, interval=(3.0, 8.0), scale=1.0, step=10, pairs=10).value   # 10x too small
         1.5
         >>> c.decide(ratio=0.5, interval=(0.3, 0.65), scale=1.5, step=20, pairs=10, loss_slope=(-0.01, 0.02)).value   # at the floor
@@ -148,7 +148,7 @@ class StepSizeController:
     shrink_factor: float = 2.0
     gain: float = 1.0
     min_pairs: int = 10
-    first_pairs: int = 30
+    first_steps: int = 30
     min_scale: float = 1e-3
     max_scale: float = 1e3
     last_change: int = 0
@@ -164,7 +164,7 @@ class StepSizeController:
         self.shrink_factor = check_number("shrink_factor", self.shrink_factor, low=1, low_open=True)
         self.gain = check_number("gain", self.gain, low=0, low_open=True)
         self.min_pairs = check_int("min_pairs", self.min_pairs, low=2)
-        self.first_pairs = check_int("first_pairs", self.first_pairs, low=0)
+        self.first_steps = check_int("first_steps", self.first_steps, low=0)
         self.min_scale = check_number("min_scale", self.min_scale, low=0, low_open=True, high=1)
         self.max_scale = check_number("max_scale", self.max_scale, low=1)
         self.last_change = check_int("last_change", self.last_change, low=0)
@@ -196,10 +196,10 @@ class StepSizeController:
             return Decision(scale, False, f"{pairs} of {self.min_pairs} step pairs measured at this learning rate")
         if pairs % self.min_pairs:
             return Decision(scale, False, f"{pairs} step pairs measured: tested every {self.min_pairs}")
-        if self.last_change == 0 and not self.raised_last and pairs < self.first_pairs:
+        if step < self.first_steps:
             # from initialization the loss curves less along the step than it will a few dozen
             # steps later (progressive sharpening, Cohen et al. 2021): r reads high at any rate
-            return Decision(scale, False, f"{pairs} of {self.first_pairs} step pairs measured since the start of training")
+            return Decision(scale, False, f"no decision before step {self.first_steps}")
         shown = f"step ratio {ratio:.3g} (interval {lo:.3g}-{hi:.3g})"
         # stopped: the fitted slope is not negative (its interval's middle), not merely unresolved
         flat = loss_slope is not None and not math.isnan(loss_slope[1]) and loss_slope[0] + loss_slope[1] >= 0
