@@ -136,14 +136,20 @@ def test_the_rule_lowers_only_once_the_loss_stops_falling_and_remembers_an_overs
     low = (0.2, 0.5)
     held = c.decide(0.35, low, scale=1.0, step=10, pairs=10, loss_slope=(-0.3, -0.1))
     assert not held.changed and "still falls" in held.reason
-    assert c.decide(0.35, low, scale=1.0, step=10, pairs=10, loss_slope=(-0.3, 0.1)).value == 0.5
+    # an unresolved slope whose fit still falls is not a plateau either
+    assert not c.decide(0.35, low, scale=1.0, step=10, pairs=10, loss_slope=(-0.3, 0.1)).changed
+    # a step much too short is never lowered, plateau or not
+    assert not c.decide(5.0, (1.5, 9.0), scale=1.0, step=10, pairs=10, loss_slope=(-0.1, 0.3)).changed
+    assert c.decide(0.35, low, scale=1.0, step=10, pairs=10, loss_slope=(-0.1, 0.3)).value == 0.5  # at most halved
+    assert c.decide(0.9, (0.6, 1.3), scale=0.5, step=12, pairs=10, loss_slope=(-0.1, 0.3)).value == pytest.approx(0.5 / math.sqrt(2))  # at least by 1/sqrt(2)
     assert not c.decide(5.0, (3.0, 9.0), scale=0.5, step=15, pairs=15).changed  # tested every 10 pairs only
     assert not c.decide(5.0, (3.0, 9.0), scale=0.5, step=15, pairs=5).changed  # too few pairs
     # raise 1.5x, find it overshoots: the raised rate becomes a ceiling
     assert c.decide(5.0, (3.0, 9.0), scale=0.5, step=20, pairs=10).value == pytest.approx(0.75)
-    assert c.decide(0.3, low, scale=0.75, step=30, pairs=10).value == pytest.approx(0.375)
+    assert c.decide(0.3, low, scale=0.75, step=30, pairs=10, loss_slope=(-0.1, 0.3)).value == pytest.approx(0.375)
     assert c.ceiling == pytest.approx(0.75)
     assert c.decide(5.0, (3.0, 9.0), scale=0.5, step=40, pairs=10).value == pytest.approx(0.75 / math.sqrt(1.5))
+    assert not StepSizeController().decide(5.0, (3.0, 9.0), scale=1.0, step=20, pairs=10).changed  # none before step 30
 
 
 def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, target: float, seed: int) -> tuple[int, float]:
