@@ -15,13 +15,7 @@ from helpers import LinRegTruth
 from lightning_gradnoise.capture import StepProbe
 from lightning_gradnoise.control import StepSizeController, noise_coupling
 from lightning_gradnoise.nqm import NQM
-from lightning_gradnoise.stats import GradientNoiseScale, LossTrend, StepSizeRatio, fieller_interval, ratio_interval
-
-
-def _batch_grad(truth: LinRegTruth, w: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-    x, y = truth.sample(n, g)
-    x, y = x.double(), y.double()
-    return x.T @ (x @ w - y) / n
+from lightning_gradnoise.stats import LossTrend, StepSizeRatio, fieller_interval, ratio_interval
 
 
 @pytest.mark.parametrize("batch", [4, 32])
@@ -34,11 +28,15 @@ def test_the_ratio_at_a_frozen_point_is_the_greedy_step_of_mccandlish(batch: int
     lr = 0.8 * eps_opt  # a step long enough for its curvature to show over the noise
     ratio = StepSizeRatio(decay=0.9995)
     g = torch.Generator().manual_seed(0)
-    for _ in range(6000):
-        step = lr * _batch_grad(truth, w0, batch, g)
-        own = float(step @ (step / lr))
-        after = float(step @ _batch_grad(truth, w0 - step, batch, g))
-        ratio.update(own, after, noise=lr * truth.trace_cov / batch)
+    n = 6000
+    x = torch.randn(n, batch, truth.d, generator=g, dtype=torch.float64)
+    y = x @ truth.w_star.double() + truth.noise_std * torch.randn(n, batch, generator=g, dtype=torch.float64)
+    grads = torch.einsum("nbd,nb->nd", x, x @ w0 - y) / batch
+    steps = lr * grads
+    x2 = torch.randn(n, batch, truth.d, generator=g, dtype=torch.float64)
+    y2 = x2 @ truth.w_star.double() + truth.noise_std * torch.randn(n, batch, generator=g, dtype=torch.float64)
+    after = torch.einsum("nbd,nb->nd", x2, torch.einsum("nbd,nd->nb", x2, w0 - steps) - y2) / batch  # at w0 - step
+    assert ratio.update_many((steps * grads).sum(1), (steps * after).sum(1), torch.full((n,), lr * truth.trace_cov / batch)) == n
     reading = ratio.reading(0.99)
     assert reading["lr_ratio"] * lr == pytest.approx(eps_opt, rel=0.06)
     assert reading["lr_ratio_lo"] * lr < eps_opt < reading["lr_ratio_hi"] * lr
@@ -154,12 +152,12 @@ def test_the_rule_lowers_only_once_the_loss_stops_falling_and_remembers_an_overs
 
 def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, target: float, seed: int) -> tuple[int, float]:
     """SGD on a noisy quadratic (2 gradient groups per step, the loss of each batch observed) with
-    the line-search rule as LRAdapter runs it: tr(Sigma) from GradientNoiseScale's EMA, J = lr.
+    the line-search rule as LRAdapter runs it: tr(Sigma) from an EMA of the groups' spread, J = lr.
     Returns the steps to the target and the learning rate then."""
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(h.numel(), generator=g, dtype=torch.float64)
-    rule, ratio, trend, gns = StepSizeController(), StepSizeRatio(0.9), LossTrend(window=200), GradientNoiseScale(0.95)
-    scale, pending, prev = 1.0, None, None
+    rule, ratio, trend = StepSizeController(), StepSizeRatio(0.9), LossTrend(window=200)
+    scale, pending, prev, trace_ema, weight = 1.0, None, None, 0.0, 0.0
     for step in range(5000):
         loss = float(0.5 * (h * theta * theta).sum())
         if loss <= target:
@@ -167,13 +165,15 @@ def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, 
         noise = torch.randn(2, h.numel(), generator=g, dtype=torch.float64) * (c * 2 / batch).sqrt()
         grads = h * theta + noise
         ghat = grads.mean(0)
-        gns.update(grads.square().sum(1), ghat.square().sum(), group_sizes=batch // 2)
+        # tr(Sigma) as the monitor estimates it: from the two groups, a bias-corrected EMA (decay 0.95)
+        trace_ema = 0.95 * trace_ema + 0.05 * float((grads[0] - grads[1]).square().sum()) * (batch // 2) / 2
+        weight = 0.95 * weight + 0.05
         if prev is not None and pending is not None:
             ratio.update(pending[0], float(prev @ ghat), pending[1])
         trend.update(step, loss + float(noise.mean(0) @ theta))
         eta = lr * scale
         prev = eta * ghat
-        pending = (float(prev @ ghat), eta * max(float(gns.trace_cov.compute()), 0.0) / batch)
+        pending = (float(prev @ ghat), eta * trace_ema / weight / batch)
         theta = theta - prev
         if ratio.count < rule.min_pairs or ratio.count % rule.min_pairs:
             continue

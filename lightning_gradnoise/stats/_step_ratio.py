@@ -33,7 +33,10 @@ from typing import Any
 
 import torch
 
+from torch import Tensor
+
 from lightning_gradnoise._validate import check_number
+from lightning_gradnoise.stats._checks import checked_tensor
 from lightning_gradnoise.stats._interval import EMAMoments, t_quantile
 
 __all__ = ["LossTrend", "StepSizeRatio", "ratio_interval"]
@@ -122,6 +125,17 @@ class StepSizeRatio:
         if not (math.isfinite(c) and math.isfinite(d)):
             return False
         return self.moments.update_many(torch.tensor([d], dtype=torch.float64), torch.tensor([c], dtype=torch.float64)) == 1
+
+    def update_many(self, own: Tensor, next_: Tensor, noise: Tensor) -> int:
+        """:meth:`update` for many steps at once (1-D tensors of one length, in step order);
+        steps with a non-finite value are refused. Returns the steps folded in."""
+        own, next_, noise = (checked_tensor(name, value, finite=False) for name, value in
+                             (("own", own), ("next_", next_), ("noise", noise)))
+        if not (own.dim() == next_.dim() == noise.dim() == 1 and own.shape == next_.shape == noise.shape):
+            raise ValueError(f"own, next_, noise: shapes {tuple(own.shape)}, {tuple(next_.shape)}, {tuple(noise.shape)}: "
+                             "expected 1-D tensors of one length")
+        c = own - noise
+        return self.moments.update_many(c - next_, c)
 
     def reading(self, level: float = 0.9) -> dict[str, float]:
         """``lr_ratio`` with its ``level`` interval (``lr_ratio_lo``, ``lr_ratio_hi``; NaN with
