@@ -28,6 +28,7 @@ and whether the adapted run is dominated by the fixed one (more steps and more e
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of each poor start, fixed and adapted")
     parser.add_argument("--grid-seeds", type=int, default=3, help="seeds of each grid point")
     parser.add_argument("--lr-rule", choices=("line_search", "gr_t"), default="line_search")
+    parser.add_argument("--grid-json", help="keep the grid's medians in this file: read it when it exists (same task and seeds), else write it")
     parser.add_argument("--plot")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -180,9 +182,19 @@ def main() -> None:
     seeds = range(args.seeds)
     began = time.time()
     grid = {}
-    for b in task.batches:
-        for lr in task.lrs:
-            grid[b, lr] = median_of([run(task, b, lr, s, None) for s in range(args.grid_seeds)])
+    if args.grid_json and os.path.exists(args.grid_json):
+        with open(args.grid_json) as f:
+            kept = json.load(f)
+        if kept["task"] != args.task or kept["grid_seeds"] != args.grid_seeds:
+            parser.error(f"--grid-json {args.grid_json}: made for task {kept['task']} with {kept['grid_seeds']} seeds")
+        grid = {(int(b), float(lr)): v for b, lr, v in kept["grid"]}
+    else:
+        for b in task.batches:
+            for lr in task.lrs:
+                grid[b, lr] = median_of([run(task, b, lr, s, None) for s in range(args.grid_seeds)])
+        if args.grid_json:
+            with open(args.grid_json, "w") as f:
+                json.dump({"task": args.task, "grid_seeds": args.grid_seeds, "grid": [[b, lr, v] for (b, lr), v in grid.items()]}, f)
     best = {b: min((lr for bb, lr in grid if bb == b), key=lambda lr: (grid[b, lr]["steps"], grid[b, lr]["examples"])) for b in task.batches}
     front = [(b, best[b]) for b in task.batches if math.isfinite(grid[b, best[b]]["steps"])]
     fit = fit_b_noise([grid[p]["steps"] for p in front], [grid[p]["examples"] for p in front])
