@@ -77,12 +77,16 @@ class LRAdapter(CallbackBase):
         band: line search: the band of :math:`r` left alone, ``(low, high)`` with ``low < 1 < high``.
         min_pairs: line search: step pairs to measure at a rate before moving it.
         decay: line search: the EMA decay of :math:`r`'s means.
-        target, tolerance, cooldown: ``gr_t`` only (see :class:`~lightning_gradnoise.control.LRController`).
+        target: ``gr_t`` only: GR_T's target, a number or ``"auto"`` (see
+            :class:`~lightning_gradnoise.control.LRController`).
+        tolerance: ``gr_t`` only: the factor around the target left alone.
+        cooldown: ``gr_t`` only: optimizer steps to wait after a change.
         step_factor: the most one decision multiplies the rate by (default 1.5; for ``gr_t``,
             divides by too).
         shrink_factor: line search: the most one decision divides the rate by.
         gain: the power of the move (default 1 for the line search, 0.5 for ``gr_t``).
-        min_scale, max_scale: bounds on the product of all moves.
+        min_scale: lower bound on the product of all moves.
+        max_scale: upper bound on the product of all moves.
     """
 
     def __init__(self, rule: str = "line_search", target: float | str = 20.0, tolerance: float = 1.5,
