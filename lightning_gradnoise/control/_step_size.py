@@ -3,19 +3,21 @@ r"""The default learning-rate rule: a noise-corrected line search along the opti
 :class:`~lightning_gradnoise.stats.StepSizeRatio` measures :math:`r`, the multiple of the current
 step that would lower the expected loss most along the step's direction (McCandlish Eq. 2.6 for
 SGD, with the noise of the step's own batch removed). :class:`StepSizeController` moves the
-learning rate when :math:`r`'s whole interval lies outside ``band``:
+learning rate:
 
-- above it (the step is too short: a learning rate too small, or the signal still dominating),
-  the rate grows toward :math:`r` times itself, at most ``step_factor`` per decision;
-- below it (the step overshoots: :math:`r \to 1/2` at the current rate's noise floor, lower when
-  it is too large), the rate shrinks toward the band's middle.
+- up, when :math:`r`'s whole interval lies above ``band`` (the step is too short: a learning
+  rate too small, or the signal still dominating), toward :math:`r` times itself, at most
+  ``step_factor`` per decision;
+- down, by 1/sqrt(``shrink_factor``) to 1/``shrink_factor``, once the training loss has stopped
+  falling since the last change and :math:`r`'s interval is not above 1: at the current rate's
+  noise floor :math:`r \to 1/2`, and where the steepest directions oscillate it sits at 0.5-0.7
+  whatever the rate;
+- not at all otherwise, in particular when :math:`r` reads below the band while the loss still
+  falls. :math:`r` alone never lowers the rate: the greedy optimum falls toward zero as a run nears
+  its noise floor, and following it would anneal too early (short-horizon bias, Wu et al. 2018).
 
-The band's lower end, 0.7 by default, guards against short-horizon bias (Wu et al. 2018): the
-greedy optimum falls toward zero as a run nears its noise floor, and following it would anneal
-too early. Stopping at :math:`r \approx 0.7` lowers the rate only once the loss sits near the floor
-the rate implies: on a noisy quadratic, where the floor of the best constant rate for a target is
-about three quarters of that target, that is about where the best constant rate is
-(``tests/test_step_size.py``).
+On a noisy quadratic this settles within x1.5 of the best constant rate for a target, in no more
+steps (``tests/test_step_size.py``).
 """
 
 from __future__ import annotations
