@@ -139,7 +139,8 @@ def run(task: Task, batch: int, lr: float, seed: int, adapt: dict | None, micro:
     lra = bsa = None
     if adapt is not None:
         stats = ("b_simple", "gr_s", "gr_t") if adapt.get("rule") == "gr_t" else ("b_simple", "gr_s")
-        bsa = BatchSizeAdapter(cooldown=adapt.get("batch_cooldown", 10), max_batch=4096, max_factor=adapt.get("max_factor", 2))
+        # the batch stays within the grid's batches: beyond them there is no frontier point to compare with
+        bsa = BatchSizeAdapter(cooldown=adapt.get("batch_cooldown", 10), max_batch=max(task.batches), max_factor=adapt.get("max_factor", 2))
         lr_kw = {k: v for k, v in adapt.items() if k not in ("batch_cooldown", "max_factor", "batch")}
         lra = LRAdapter(**lr_kw)
         callbacks += [GradNoiseMonitor(statistics=stats, log_every_n_steps=5)] + ([bsa] if adapt.get("batch", True) else []) + [lra]

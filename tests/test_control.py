@@ -32,6 +32,15 @@ def test_batch_rule_moves_the_right_way() -> None:
     assert lo < 100.0 < hi
 
 
+def test_batch_rule_holds_a_shrink_when_told_the_reading_is_not_about_the_batch() -> None:
+    # a too-large learning rate makes the gradients oscillate: GR_S reads low, yet the batch is not the cause
+    c = BatchSizeController(unit=16, min_batch=16, max_batch=1024, cooldown=0)
+    held = c.decide(0.2, 256, step=10, may_shrink=False)
+    assert not held.changed and "not falling" in held.reason and c.last_change == 0
+    assert c.decide(0.9, 256, step=11, may_shrink=False).value == 512  # growing is not held
+    assert c.decide(0.2, 512, step=12).value == 256
+
+
 def test_lr_rule_moves_the_right_way() -> None:
     c = LRController(target=20, tolerance=1.5, step_factor=1.25, cooldown=5)
     assert c.decide(45.0, 1.0, step=10).value == pytest.approx(0.8)  # GR_T too high (Theorem 1)

@@ -13,7 +13,7 @@ from torch import nn
 
 from helpers import LinRegTruth
 from lightning_gradnoise.capture import StepProbe
-from lightning_gradnoise.control import StepSizeController, noise_coupling
+from lightning_gradnoise.control import StepSizeController, noise_coupling, step_growth
 from lightning_gradnoise.nqm import NQM
 from lightning_gradnoise.stats import LossTrend, StepSizeRatio, fieller_interval, ratio_interval
 
@@ -93,6 +93,53 @@ def test_noise_coupling_is_the_derivative_of_the_step_in_the_current_gradient(ma
         assert float(coupling[i]) == pytest.approx(float(derivative), rel=0.05)
 
 
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.SGD(p, lr=0.1),
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, dampening=0.5),
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    lambda p: torch.optim.Adam(p, lr=0.1),
+], ids=["sgd", "momentum", "dampening", "nesterov", "adam"])
+def test_step_growth_is_how_much_longer_the_step_gets_at_a_constant_gradient(make) -> None:
+    # a linear loss: the same gradient at every step; the step at t against the step long after
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = make([w])
+    g = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    steps = []
+    for _ in range(400):
+        before = w.detach().clone()
+        opt.zero_grad()
+        (w @ g).backward()
+        opt.step()
+        steps.append(float((w.detach() - before).norm()))
+    for t in (1, 2, 5, 20):
+        assert step_growth(opt, t) == pytest.approx(steps[-1] / steps[t - 1], rel=1e-9)
+
+
+def test_a_pair_counted_at_its_grown_step_reads_the_ratio_of_that_step() -> None:
+    # c scales with the step's length, d with its square: r of a step f times longer is r / f
+    pairs = [(2.0, 1.0, 0.1), (2.2, 1.1, 0.1), (1.8, 0.8, 0.1), (2.1, 1.0, 0.1)]
+    plain, grown, many = StepSizeRatio(), StepSizeRatio(), StepSizeRatio()
+    for own, nxt, noise in pairs:
+        plain.update(own, nxt, noise)
+        grown.update(own, nxt, noise, growth=4.0)
+    assert grown.reading()["lr_ratio"] == pytest.approx(plain.reading()["lr_ratio"] / 4.0)
+    columns = [torch.tensor(col, dtype=torch.float64) for col in zip(*pairs)]
+    many.update_many(*columns, growth=torch.full((4,), 4.0, dtype=torch.float64))
+    assert many.reading() == pytest.approx(grown.reading())
+    with pytest.raises(ValueError, match="growth"):
+        grown.update(1.0, 0.5, 0.0, growth=0.5)
+
+
+def test_the_loss_slope_over_the_last_steps_sees_a_rise_the_whole_window_hides() -> None:
+    trend = LossTrend()
+    for step in range(30):
+        trend.update(step, 3.0 - 0.1 * step if step < 20 else 1.0 + 0.05 * (step - 20) + 0.01 * (-1) ** step)
+    assert trend.slope_interval()[1] < 0  # the whole window still falls
+    lo, hi = trend.slope_interval(last=10)
+    assert 0 < lo < 0.05 < hi
+
+
 def test_noise_coupling_refuses_optimizers_whose_step_it_does_not_know() -> None:
     p = [nn.Parameter(torch.ones(2))]
     with pytest.raises(ValueError, match="rule='gr_t'"):
@@ -130,7 +177,7 @@ def test_the_probe_measures_the_step_against_the_gradients_around_it() -> None:
 
 
 def test_the_rule_lowers_only_once_the_loss_stops_falling_and_remembers_an_overshoot() -> None:
-    c = StepSizeController(first_steps=0)
+    c = StepSizeController(first_steps=0, step_factor=1.5)
     low = (0.2, 0.5)
     held = c.decide(0.35, low, scale=1.0, step=10, pairs=10, loss_slope=(-0.3, -0.1))
     assert not held.changed and "still falls" in held.reason
@@ -147,7 +194,31 @@ def test_the_rule_lowers_only_once_the_loss_stops_falling_and_remembers_an_overs
     assert c.decide(0.3, low, scale=0.75, step=30, pairs=10, loss_slope=(-0.1, 0.3)).value == pytest.approx(0.375)
     assert c.ceiling == pytest.approx(0.75)
     assert c.decide(5.0, (3.0, 9.0), scale=0.5, step=40, pairs=10).value == pytest.approx(0.75 / math.sqrt(1.5))
-    assert not StepSizeController().decide(5.0, (3.0, 9.0), scale=1.0, step=20, pairs=10).changed  # none before step 30
+    assert not StepSizeController().decide(5.0, (3.0, 9.0), scale=1.0, step=10, pairs=10).changed  # none before step 20
+    assert c.last_action == "raise"
+
+
+def test_a_rising_loss_lowers_the_rate_whatever_r_reads_and_caps_a_raise() -> None:
+    c = StepSizeController()  # first_steps 20: r is not read before, the loss is
+    assert c.last_action == "none"
+    flat = c.decide(0.6, (0.5, 0.7), scale=1.0, step=10, pairs=10, recent_slope=(-0.02, 0.05))
+    assert not flat.changed and c.last_action == "none"  # untested before step 20: not settled either
+    rising = c.decide(0.6, (0.5, 0.7), scale=1.0, step=10, pairs=10, recent_slope=(0.01, 0.08))
+    assert rising.changed and rising.value == 0.5 and "interval 0.01 to 0.08" in rising.reason and c.last_action == "lower"
+    assert c.ceiling == math.inf  # not after a raise: a false alarm must not cap the rate for good
+    # too late for the last-10-steps test (pairs > 20), but the loss since the change rises too
+    assert not c.decide(0.6, (0.5, 0.7), scale=0.5, step=40, pairs=30, recent_slope=(0.01, 0.08)).changed
+    assert c.decide(0.6, (0.5, 0.7), scale=0.5, step=40, pairs=30, loss_slope=(0.001, 0.002)).value == 0.25
+    # raised, and the loss rises: the raised rate becomes a ceiling
+    up = c.decide(6.0, (5.0, 9.0), scale=0.25, step=50, pairs=10, recent_slope=(-0.1, -0.01))
+    assert up.changed and up.value == 0.5
+    assert c.decide(0.6, (0.5, 0.7), scale=0.5, step=60, pairs=10, recent_slope=(0.01, 0.08)).value == 0.25
+    assert c.ceiling == 0.5
+    held = c.decide(0.9, (0.6, 1.3), scale=0.25, step=70, pairs=10, loss_slope=(-0.1, -0.05))
+    assert not held.changed and c.last_action == "hold"
+    restored = StepSizeController()
+    restored.load_state_dict(c.state_dict())
+    assert (restored.ceiling, restored.last_action, restored.last_change) == (c.ceiling, c.last_action, c.last_change)
 
 
 def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, target: float, seed: int) -> tuple[int, float]:
@@ -180,7 +251,8 @@ def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, 
         r = ratio.reading()
         interval = (r["lr_ratio_lo"], r["lr_ratio_hi"])
         slope = trend.slope_interval() if len(trend.losses) >= 2 * rule.min_pairs else None
-        decision = rule.decide(r["lr_ratio"], interval, scale, step, ratio.count, slope)
+        recent = trend.slope_interval(last=rule.min_pairs)
+        decision = rule.decide(r["lr_ratio"], interval, scale, step, ratio.count, slope, recent)
         if decision.changed:
             scale = decision.value
             ratio.reset()

@@ -212,13 +212,17 @@ class BatchSizeAdapter(CallbackBase):
             return  # not an optimizer-step boundary
         latest = self.monitor.latest
         lr_moved = self.lr_adapter is not None and self.lr_adapter.controller.last_change == trainer.global_step > 0
-        if latest is not self._seen and "gr_s" in latest and not lr_moved:  # one adapter moves per step
+        # the rate first: one adapter moves per step, and the batch waits while the rate is being corrected
+        lr_settled = self.lr_adapter is None or self.lr_adapter.settled
+        if latest is not self._seen and "gr_s" in latest and not lr_moved and lr_settled:
             self._seen = latest
             controller = self._ensure_controller(trainer, self.monitor._micro_size or 1)
             batch = controller.unit * k
             # GR_S at the configured batch: the measured step may have been an epoch's short last window
             interval = (latest["b_simple_lo"], latest["b_simple_hi"]) if "b_simple_lo" in latest else None
-            decision = controller.decide_from_noise_scale(latest.get("b_simple"), batch, trainer.global_step, interval)
+            # a rate too large makes gradients oscillate, which reads as a batch past its critical size
+            may_shrink = self.lr_adapter is None or self.lr_adapter.loss_falls
+            decision = controller.decide_from_noise_scale(latest.get("b_simple"), batch, trainer.global_step, interval, may_shrink)
             # every rank holds the same all-reduced values; rank 0's word settles it regardless
             new_batch, changed, reason = trainer.strategy.broadcast((decision.value, decision.changed, decision.reason))
             if changed:

@@ -18,7 +18,7 @@ from lightning_gradnoise.callbacks._compat import CallbackBase
 from lightning_gradnoise.callbacks._logging import log_scalars
 from lightning_gradnoise.callbacks._monitor import MisconfigurationError, _sharded
 from lightning_gradnoise.capture import StepProbe
-from lightning_gradnoise.control import LRController, StepSizeController, noise_coupling
+from lightning_gradnoise.control import LRController, StepSizeController, noise_coupling, step_growth
 from lightning_gradnoise.stats import LossTrend, StepSizeRatio
 
 __all__ = ["LRAdapter"]
@@ -81,8 +81,8 @@ class LRAdapter(CallbackBase):
             :class:`~lightning_gradnoise.control.LRController`).
         tolerance: ``gr_t`` only: the factor around the target left alone.
         cooldown: ``gr_t`` only: optimizer steps to wait after a change.
-        step_factor: the most one decision multiplies the rate by (default 1.5; for ``gr_t``,
-            divides by too).
+        step_factor: the most one decision multiplies the rate by (default 2 for the line
+            search; 1.5 for ``gr_t``, which divides by it too).
         shrink_factor: line search: the most one decision divides the rate by.
         gain: the power of the move (default 1 for the line search, 0.5 for ``gr_t``).
         min_scale: lower bound on the product of all moves.
@@ -99,7 +99,7 @@ class LRAdapter(CallbackBase):
         # both built, so that every argument is checked whichever rule is chosen
         by_gr_t = LRController(target=target, tolerance=tolerance, step_factor=step_factor or 1.5, cooldown=cooldown,
                                min_scale=min_scale, max_scale=max_scale, gain=gain or 0.5)
-        by_line_search = StepSizeController(band=band, step_factor=step_factor or 1.5, shrink_factor=shrink_factor, gain=gain or 1.0, min_pairs=min_pairs,
+        by_line_search = StepSizeController(band=band, step_factor=step_factor or 2.0, shrink_factor=shrink_factor, gain=gain or 1.0, min_pairs=min_pairs,
                                             min_scale=min_scale, max_scale=max_scale)
         self.controller: Any = by_gr_t if self.rule == "gr_t" else by_line_search
         self.ratio = StepSizeRatio(decay)
@@ -116,6 +116,7 @@ class LRAdapter(CallbackBase):
         self._stepped = False
         self._accumulate: Optional[int] = None
         self._probe_state: Optional[dict] = None
+        self._falling = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -166,8 +167,10 @@ class LRAdapter(CallbackBase):
             self.ratio.reset()
             self.trend.reset()
             self._pending = None
+            self.controller.last_action = "none"  # not yet tested at this batch
         if following is not None and self._pending is not None:
-            self.ratio.update(self._pending[0], following, self._pending[1])
+            own, noise, growth = self._pending
+            self.ratio.update(own, following, noise, growth=growth)
         self._pending = None
         self._stepped = True
 
@@ -206,7 +209,8 @@ class LRAdapter(CallbackBase):
             own, jg2, g2 = measured
             # E[step . noise] = sum_i J_i sigma_i^2 / B, with the noise spread over the elements like
             # the gradient's energy: tr(Sigma)/B * sum J g^2 / |g|^2 (exact for SGD, where J is one number)
-            self._pending = (own, noise * jg2 / g2)
+            # counted as the step momentum will have built up to (SGD's buffer starts at one gradient)
+            self._pending = (own, noise * jg2 / g2, step_growth(optimizer, max(trainer.global_step, 1)))
         pairs, every = self.ratio.count, self.controller.min_pairs
         logging = self.monitor.latest is not self._seen
         testing = pairs >= every and pairs % every == 0  # the rule tests its reading once per min_pairs pairs
@@ -223,27 +227,51 @@ class LRAdapter(CallbackBase):
         if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
             return  # one adapter moves per step
         interval = (reading["lr_ratio_lo"], reading["lr_ratio_hi"])
-        slope = self._loss_slope(trainer)
-        decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope)
+        self._falling = False  # until the loss has been seen falling at this rate and batch
+        slope, recent = self._loss_slopes(trainer)
+        decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope, recent)
         if decision.changed:
             self._apply(trainer, decision.value, decision.reason)
             self.ratio.reset()
             self.trend.reset()
             self._pending = None
 
-    def _loss_slope(self, trainer: Any) -> Optional[tuple[float, float]]:
-        """The interval of the loss's slope since the last change, from every rank's losses
-        (each rank sees only its own batches; every rank tests at the same step, since the ratio
-        comes from all-reduced gradients). ``None`` with fewer than ``2 * min_pairs`` steps."""
-        if len(self.trend.losses) < 2 * self.controller.min_pairs:
-            return None
+    @property
+    def settled(self) -> bool:
+        """Whether the rate is where the rule wants it: the latest test held it (line search; the
+        ``gr_t`` rule is always settled). :class:`BatchSizeAdapter` moves the batch only then, so
+        that a rate still being corrected (an oscillating too-large one reads as a batch past its
+        critical size) does not move the batch."""
+        return self.rule == "gr_t" or self.controller.last_action == "hold"
+
+    @property
+    def loss_falls(self) -> bool:
+        """Whether the training loss fell over the last ``2 * min_pairs`` steps at the current rate
+        and batch (its slope's interval below zero), at the latest test (line search; always
+        ``True`` for ``gr_t``). :class:`BatchSizeAdapter` shrinks the batch only then."""
+        return self.rule == "gr_t" or self._falling
+
+    def _loss_slopes(self, trainer: Any) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]]]:
+        """The intervals of the loss's slope since the last change (``None`` with fewer than
+        ``2 * min_pairs`` steps) and over the last ``min_pairs`` steps (``None`` with fewer),
+        from every rank's losses (each rank sees only its own batches; every rank tests at the
+        same step, since the ratio comes from all-reduced gradients)."""
+        every = self.controller.min_pairs
+        if len(self.trend.losses) < every:
+            return None, None
         trend = self.trend
         if trainer.world_size > 1:
             losses = trainer.strategy.reduce(torch.tensor(self.trend.losses, dtype=torch.float64), reduce_op="mean")
             trend = LossTrend(self.trend.window)
-            for step, value in zip(self.trend.steps, losses.tolist()):
-                trend.update(step, value)
-        return trend.slope_interval(self.monitor.level)
+            trend.steps, trend.losses = list(self.trend.steps), losses.tolist()
+        level = self.monitor.level
+        # one-sided at the monitor's level: the rule asks only whether the loss rises
+        one_sided = max(2.0 * level - 1.0, 0.5)  # the rule asks only whether the loss rises, or falls
+        recent = trend.slope_interval(one_sided, last=every)
+        if len(trend.losses) < 2 * every:
+            return None, recent
+        self._falling = trend.slope_interval(one_sided, last=2 * every)[1] < 0
+        return trend.slope_interval(level), recent
 
     def _gr_t_step(self, trainer: Any) -> None:
         latest = self.monitor.latest
@@ -276,7 +304,8 @@ class LRAdapter(CallbackBase):
         probe = self.probe.state_dict() if self.probe is not None else self._probe_state
         return {"rule": self.rule, "controller": self.controller.state_dict(), "lr_scale": self.lr_scale,
                 "decisions": list(self.decisions), "ratio": self.ratio.state_dict(), "probe": probe,
-                "pending": self._pending, "accumulate": self._accumulate, "trend": self.trend.state_dict()}
+                "pending": self._pending, "accumulate": self._accumulate, "trend": self.trend.state_dict(),
+                "falling": self._falling}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rule = state_dict.get("rule", "gr_t")
@@ -288,8 +317,10 @@ class LRAdapter(CallbackBase):
         if "ratio" in state_dict:
             self.ratio.load_state_dict(state_dict["ratio"])
             self.trend.load_state_dict(state_dict["trend"])
-            self._pending = None if state_dict["pending"] is None else tuple(state_dict["pending"])
+            pending = state_dict["pending"]
+            self._pending = None if pending is None else (*pending, 1.0)[:3]  # saved without growth: 1
             self._accumulate = state_dict["accumulate"]
+            self._falling = bool(state_dict.get("falling", False))
             if self.probe is not None and state_dict["probe"] is not None:
                 self.probe.load_state_dict(state_dict["probe"])
             else:

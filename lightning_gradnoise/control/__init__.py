@@ -9,7 +9,7 @@ from lightning_gradnoise.control._controllers import (
     gr_t_target,
     lr_rule_for,
 )
-from lightning_gradnoise.control._step_size import LINE_SEARCH_OPTIMIZERS, StepSizeController, noise_coupling
+from lightning_gradnoise.control._step_size import LINE_SEARCH_OPTIMIZERS, StepSizeController, noise_coupling, step_growth
 
 __all__ = [
     "ADAM_STYLE",
@@ -22,4 +22,5 @@ __all__ = [
     "gr_t_target",
     "lr_rule_for",
     "noise_coupling",
+    "step_growth",
 ]

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_gradnoise._validate import check_int, check_number, check_numbers, fail
+from lightning_gradnoise._validate import check_bool, check_int, check_number, check_numbers, fail
 from lightning_gradnoise.stats import GR_S_BAND, GR_T_TARGET, batch_range_for_gr_s, check_band, ema_effective_steps, gr_t_expected
 from lightning_gradnoise.stats import gr_s as gr_s_at
 
@@ -93,15 +93,20 @@ class BatchSizeController:
             fail("max_factor", self.max_factor, "a power of two >= 2")
 
     def decide(self, gr_s: float, batch: float, step: int, b_simple: float | None = None,
-               interval: tuple[float, float] | None = None) -> Decision:
+               interval: tuple[float, float] | None = None, may_shrink: bool = True) -> Decision:
         r"""The batch for the next steps, from the current :math:`GR_S` (and :math:`B_\text{simple}`,
         which says how far to go). A NaN ``gr_s`` means no estimate yet.
 
         ``interval``, :math:`GR_S`'s interval ``(low, high)``: the batch then moves only when the
         whole interval lies outside the band (above it to grow, below it to shrink), so a reading
-        that cannot tell which side of the band the batch is on moves nothing."""
+        that cannot tell which side of the band the batch is on moves nothing.
+
+        ``may_shrink=False`` holds a batch that reads past its critical size: the caller knows the
+        reading is not about the batch (a learning rate too large makes the gradients oscillate,
+        which reads as signal and a low :math:`GR_S`)."""
         gr_s = check_number("gr_s", gr_s, low=0, high=1, nan_ok=True)
         batch = check_number("batch", batch, low=0, low_open=True)
+        may_shrink = check_bool("may_shrink", may_shrink)
         check_int("step", step, low=0)
         if b_simple is not None:
             check_number("b_simple", b_simple, low=0, finite=False, nan_ok=True)
@@ -116,6 +121,8 @@ class BatchSizeController:
         if gr_s > high + self.hysteresis and (interval is None or interval[0] > high):
             up, why = True, f"{shown} above {high}: gradients redundant within the batch, grow it"
         elif gr_s < low - self.hysteresis and (interval is None or interval[1] < low):
+            if not may_shrink:
+                return Decision(batch, False, f"{shown} below {low}, but the training loss is not falling: hold the batch")
             up, why = False, f"{shown} below {low}: past the critical batch, shrink it"
         elif interval is not None and not (low <= gr_s <= high):
             return Decision(batch, False, f"{shown}: the interval reaches into the band, wait")
@@ -128,7 +135,7 @@ class BatchSizeController:
         return Decision(new, True, why + f": {batch:.0f} -> {new:.0f}")
 
     def decide_from_noise_scale(self, b_simple: float | None, batch: float, step: int,
-                                interval: tuple[float, float] | None = None) -> Decision:
+                                interval: tuple[float, float] | None = None, may_shrink: bool = True) -> Decision:
         r""":meth:`decide` with :math:`GR_S` computed at ``batch`` from :math:`B_\text{simple}`
         (Lemma 2): the configured batch, not the batch of the step that was measured (a short
         last accumulation window of an epoch would read as a spike of :math:`GR_S`).
@@ -143,7 +150,7 @@ class BatchSizeController:
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 return Decision(batch, False, "B_simple's interval is not bounded yet")
             gr_interval = (float(gr_s_at(max(lo, 0.0), batch)), float(gr_s_at(max(hi, 0.0), batch)))
-        return self.decide(float(gr_s_at(b_simple, batch)), batch, step, b_simple, gr_interval)
+        return self.decide(float(gr_s_at(b_simple, batch)), batch, step, b_simple, gr_interval, may_shrink)
 
     def _next(self, batch: float, up: bool, b_simple: float | None) -> float | None:
         """The allowed batch strictly on the ``up`` side of ``batch``, within ``max_factor``: one

@@ -32,9 +32,10 @@ from torch import Tensor
 from lightning_gradnoise._validate import check_int, check_number, check_numbers, fail
 from lightning_gradnoise.control._controllers import Decision
 
-__all__ = ["StepSizeController", "noise_coupling", "LINE_SEARCH_OPTIMIZERS"]
+__all__ = ["StepSizeController", "noise_coupling", "step_growth", "LINE_SEARCH_OPTIMIZERS"]
 
 LINE_SEARCH_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+_ACTIONS = ("none", "hold", "raise", "lower")
 
 
 def _kind(optimizer: Any) -> str | None:
@@ -120,6 +121,49 @@ def noise_coupling(optimizer: Any, params: Sequence[Tensor]) -> list[Union[float
     return out
 
 
+def step_growth(optimizer: Any, steps: int) -> float:
+    r"""How many times longer the optimizer's step will be, at the same gradient, once its momentum
+    has built up, after ``steps`` optimizer steps (the one just taken included).
+
+    ``torch.optim.SGD``'s momentum buffer starts at the first gradient and then sums
+    :math:`\mu^k (1 - 	ext{dampening})` times the later ones, so at a constant gradient its step
+    grows from :math:`\eta g` to :math:`\eta g (1 - 	ext{dampening})/(1 - \mu)` (ten times, at
+    :math:`\mu = 0.9`) over a few times :math:`1/(1-\mu)` steps:
+    :math:`f = u_\infty/u_t` with :math:`u_t = \mu^{t-1} + (1-	ext{dampening})(1-\mu^{t-1})/(1-\mu)`
+    (Nesterov: :math:`1 + \mu u_t`). Adam and AdamW correct their moments' bias, so their step
+    does not grow: 1. Several parameter groups: the mean over their elements.
+
+    Raises ``ValueError`` for optimizers :func:`noise_coupling` does not know.
+
+    Examples:
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        >>> round(step_growth(opt, 1), 3), round(step_growth(opt, 20), 3), step_growth(opt, 10**6)
+        (10.0, 1.138, 1.0)
+    """
+    if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "state")):
+        fail("optimizer", optimizer, "a torch optimizer (with param_groups and state)", TypeError)
+    steps = check_int("steps", steps, low=1)
+    kind = _kind(optimizer)
+    if kind is None:
+        noise_coupling(optimizer, [])  # raises, naming the optimizers it knows
+    if kind != "SGD":
+        return 1.0
+    total = weight = 0.0
+    for group in optimizer.param_groups:
+        n = float(sum(p.numel() for p in group["params"]))
+        mu, damp = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
+        f = 1.0
+        if mu > 0.0:
+            late = mu ** (steps - 1)
+            built, steady = late + (1.0 - damp) * (1.0 - late) / (1.0 - mu), (1.0 - damp) / (1.0 - mu)
+            if group.get("nesterov"):
+                built, steady = 1.0 + mu * built, 1.0 + mu * steady
+            f = max(steady / built, 1.0) if built > 0 else 1.0
+        total, weight = total + f * n, weight + n
+    return total / weight if weight > 0 else 1.0
+
+
 @dataclass
 class StepSizeController:
     r"""Moves a learning-rate multiplier so that the step sits within ``band`` of the best step
@@ -138,7 +182,7 @@ class StepSizeController:
     Examples:
         >>> c = StepSizeController(first_steps=0)
         >>> c.decide(ratio=5.0, interval=(3.0, 8.0), scale=1.0, step=10, pairs=10).value   # 10x too small
-        1.5
+        2.0
         >>> c.decide(ratio=0.5, interval=(0.3, 0.65), scale=1.5, step=20, pairs=10, loss_slope=(-0.01, 0.02)).value   # at the floor
         0.75
         >>> c.decide(ratio=0.4, interval=(0.2, 0.6), scale=1.0, step=30, pairs=10, loss_slope=(-0.03, -0.01)).reason
@@ -146,16 +190,17 @@ class StepSizeController:
     """
 
     band: tuple[float, float] = (0.7, 2.0)
-    step_factor: float = 1.5
+    step_factor: float = 2.0
     shrink_factor: float = 2.0
     gain: float = 1.0
     min_pairs: int = 10
-    first_steps: int = 30
+    first_steps: int = 20
     min_scale: float = 1e-3
     max_scale: float = 1e3
     last_change: int = 0
     ceiling: float = math.inf
     raised_last: bool = False
+    last_action: str = "none"
 
     def __post_init__(self) -> None:
         band = check_numbers("band", self.band, length=2, low=0, low_open=True)
@@ -171,21 +216,32 @@ class StepSizeController:
         self.max_scale = check_number("max_scale", self.max_scale, low=1)
         self.last_change = check_int("last_change", self.last_change, low=0)
         self.ceiling = check_number("ceiling", self.ceiling, low=0, low_open=True, finite=False)
+        if self.last_action not in _ACTIONS:
+            fail("last_action", self.last_action, f"one of {', '.join(_ACTIONS)}")
 
     def decide(self, ratio: float, interval: tuple[float, float], scale: float, step: int, pairs: int,
-               loss_slope: tuple[float, float] | None = None) -> Decision:
+               loss_slope: tuple[float, float] | None = None, recent_slope: tuple[float, float] | None = None) -> Decision:
         """The multiplier for the next steps, from :math:`r` and its interval measured over
-        ``pairs`` pairs of steps at the current multiplier ``scale``, and ``loss_slope``, the
-        interval of the training loss's slope per step since the last change
+        ``pairs`` pairs of steps at the current multiplier ``scale``; ``loss_slope``, the
+        interval of the training loss's slope per step since the last change, and
+        ``recent_slope``, over the last ``min_pairs`` steps
         (:class:`~lightning_gradnoise.stats.LossTrend`; ``None``: not known yet).
 
+        - Lower by ``shrink_factor`` when the loss rises (``recent_slope`` wholly above zero):
+          the rate is past the edge of stability, where :math:`r` reads 0.5-0.7 at any rate and
+          cannot tell. Over the last ``min_pairs`` steps it is tested on the first
+          ``2 * min_pairs`` pairs at a rate and batch (an unstable rate shows within them; later, a
+          noise floor's slow wander would trip a test that takes the steps as independent), from
+          the start; over all steps since the last change (``loss_slope``), at every test.
         - Raise when :math:`r`'s interval lies above the band: the step is too short.
         - Lower when the loss has stopped falling (its fitted slope is not negative) and the
           step is not too short (:math:`r < 1`, its interval not above the band): at the noise floor of the current rate, or where
           the steepest directions oscillate (there :math:`r` sits near 1/2 to 0.7 whatever the
           rate, and says nothing about it).
         - Otherwise hold, also when :math:`r` reads below the band while the loss still falls
-          (short-horizon bias: the greedy step is not the best rate over many steps)."""
+          (short-horizon bias: the greedy step is not the best rate over many steps).
+
+        ``last_action`` keeps what the latest test did (``"hold"``, ``"raise"``, ``"lower"``)."""
         ratio = check_number("ratio", ratio, finite=False, nan_ok=True)
         lo, hi = check_numbers("interval", interval, length=2, finite=False, nan_ok=True)
         scale = check_number("scale", scale, low=0, low_open=True)
@@ -193,11 +249,22 @@ class StepSizeController:
         pairs = check_int("pairs", pairs, low=0)
         if loss_slope is not None:
             loss_slope = tuple(check_numbers("loss_slope", loss_slope, length=2, finite=False, nan_ok=True))  # type: ignore[assignment]
+        if recent_slope is not None:
+            recent_slope = tuple(check_numbers("recent_slope", recent_slope, length=2, finite=False, nan_ok=True))  # type: ignore[assignment]
         low, high = self.band
         if pairs < self.min_pairs:
             return Decision(scale, False, f"{pairs} of {self.min_pairs} step pairs measured at this learning rate")
         if pairs % self.min_pairs:
             return Decision(scale, False, f"{pairs} step pairs measured: tested every {self.min_pairs}")
+        early_rise = recent_slope is not None and recent_slope[0] > 0 and pairs <= 2 * self.min_pairs
+        if early_rise or (loss_slope is not None and loss_slope[0] > 0):
+            # a rising loss at a fixed rate and batch: unstable, whatever r reads
+            # (a ceiling only when it follows a raise, as for any lowering: a false alarm must not cap the rate)
+            seen = recent_slope if early_rise else loss_slope
+            over = f"the last {self.min_pairs} steps" if early_rise else "the steps since the last change"
+            return self._move(scale, 1.0 / self.shrink_factor, step,
+                              f"loss rising over {over} (slope {(seen[0] + seen[1]) / 2:.3g} per step, interval "
+                              f"{seen[0]:.3g} to {seen[1]:.3g}): the rate is unstable, lower it")
         if step < self.first_steps:
             # from initialization the loss curves less along the step than it will a few dozen
             # steps later (progressive sharpening, Cohen et al. 2021): r reads high at any rate
@@ -207,35 +274,45 @@ class StepSizeController:
         flat = loss_slope is not None and not math.isnan(loss_slope[1]) and loss_slope[0] + loss_slope[1] >= 0
         slope = f"loss slope {loss_slope[0]:.3g} to {loss_slope[1]:.3g} per step" if loss_slope is not None else ""
         if lo > high:
-            grow = ratio if math.isfinite(ratio) and ratio > 0 else self.step_factor
-            factor = min(grow**self.gain, self.step_factor)
+            # toward the band's middle from the interval's low end: a noisy high reading does not overshoot
+            factor = min((lo / high) ** self.gain, self.step_factor)
             why = f"{shown} above {high:g}: the step is too short, raise the learning rate"
-        elif flat and not (hi > high) and ratio < 1.0:
+        elif flat and not (hi > high) and not ratio >= 1.0:  # NaN: the step does not descend
             # r near 1/2 (the floor) asks for half the rate; never less than 1/shrink_factor
             shrink = ratio / math.sqrt(low * high) if math.isfinite(ratio) and ratio > 0 else 0.0
             factor = min(max(shrink**self.gain, 1.0 / self.shrink_factor), 1.0 / math.sqrt(self.shrink_factor))
             why = f"{shown}, {slope}: the loss has stopped falling, lower the learning rate"
         elif hi < low:
+            self.last_action = "hold"
             return Decision(scale, False, f"{shown} below {low:g}, but the loss still falls ({slope or 'slope not known yet'}): keep the rate")
         else:
+            self.last_action = "hold"
             return Decision(scale, False, f"{shown}" + (f", {slope}" if slope else "") + ": keep the rate")
+        return self._move(scale, factor, step, why)
+
+    def _move(self, scale: float, factor: float, step: int, why: str) -> Decision:
         new = min(max(scale * factor, self.min_scale), self.max_scale)
         if factor > 1:  # never back to a rate that has overshot (the steepest directions stay steep)
             new = min(new, self.ceiling / math.sqrt(self.step_factor))
             if new <= scale:
+                self.last_action = "hold"
                 return Decision(scale, False, why + f", but x{self.ceiling / scale:.3g} overshot before")
         elif self.raised_last:  # the last raise went too far
             self.ceiling = min(self.ceiling, scale)
         self.raised_last = factor > 1
         if new == scale:
+            self.last_action = "hold"
             return Decision(scale, False, why + ", but the scale is at its bound")
+        self.last_action = "raise" if factor > 1 else "lower"
         self.last_change = step
         return Decision(new, True, why + f": x{new / scale:.3g}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_change": self.last_change, "ceiling": self.ceiling, "raised_last": self.raised_last}
+        return {"last_change": self.last_change, "ceiling": self.ceiling, "raised_last": self.raised_last,
+                "last_action": self.last_action}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_change = int(state["last_change"])
         self.ceiling = float(state["ceiling"])
         self.raised_last = bool(state["raised_last"])
+        self.last_action = str(state.get("last_action", "none"))

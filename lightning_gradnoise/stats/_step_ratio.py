@@ -29,13 +29,13 @@ short", which is what a learning rate 10x too small looks like.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from torch import Tensor
 
-from lightning_gradnoise._validate import check_number
+from lightning_gradnoise._validate import check_int, check_number
 from lightning_gradnoise.stats._checks import checked_tensor
 from lightning_gradnoise.stats._interval import EMAMoments, t_quantile
 
@@ -113,29 +113,42 @@ class StepSizeRatio:
     def reset(self) -> None:
         self.moments = EMAMoments(self.decay)
 
-    def update(self, own: float, next_: float, noise: float) -> bool:
+    def update(self, own: float, next_: float, noise: float, growth: float = 1.0) -> bool:
         r"""Fold in one step: ``own`` :math:`=\Delta_t\cdot\hat g_t`, ``next_``
-        :math:`=\Delta_t\cdot\hat g_{t+1}`, ``noise`` :math:`= n_t`. A non-finite value is refused
-        (returns ``False``) and leaves the statistic as it was."""
+        :math:`=\Delta_t\cdot\hat g_{t+1}`, ``noise`` :math:`= n_t`. ``growth`` :math:`f \ge 1`:
+        how many times longer the optimizer's step will be at the same gradient once its momentum
+        has built up (:func:`~lightning_gradnoise.control.step_growth`); the pair is counted as
+        that longer step, :math:`c \to f c`, :math:`d \to f^2 d`, so that :math:`r` is the ratio of
+        the steady step. A non-finite value is refused (returns ``False``) and leaves the
+        statistic as it was."""
         own = check_number("own", own, finite=False, nan_ok=True)
         next_ = check_number("next_", next_, finite=False, nan_ok=True)
         noise = check_number("noise", noise, finite=False, nan_ok=True)
+        growth = check_number("growth", growth, low=1)
         c = own - noise
         d = c - next_
         if not (math.isfinite(c) and math.isfinite(d)):
             return False
-        return self.moments.update_many(torch.tensor([d], dtype=torch.float64), torch.tensor([c], dtype=torch.float64)) == 1
+        return self.moments.update_many(torch.tensor([d * growth * growth], dtype=torch.float64),
+                                        torch.tensor([c * growth], dtype=torch.float64)) == 1
 
-    def update_many(self, own: Tensor, next_: Tensor, noise: Tensor) -> int:
-        """:meth:`update` for many steps at once (1-D tensors of one length, in step order);
-        steps with a non-finite value are refused. Returns the steps folded in."""
+    def update_many(self, own: Tensor, next_: Tensor, noise: Tensor, growth: Optional[Tensor] = None) -> int:
+        """:meth:`update` for many steps at once (1-D tensors of one length, in step order;
+        ``growth`` too, or ``None`` for ones); steps with a non-finite value are refused. Returns
+        the steps folded in."""
         own, next_, noise = (checked_tensor(name, value, finite=False) for name, value in
                              (("own", own), ("next_", next_), ("noise", noise)))
         if not (own.dim() == next_.dim() == noise.dim() == 1 and own.shape == next_.shape == noise.shape):
             raise ValueError(f"own, next_, noise: shapes {tuple(own.shape)}, {tuple(next_.shape)}, {tuple(noise.shape)}: "
                              "expected 1-D tensors of one length")
         c = own - noise
-        return self.moments.update_many(c - next_, c)
+        d = c - next_
+        if growth is not None:
+            growth = checked_tensor("growth", growth, low=1)
+            if growth.shape != own.shape:
+                raise ValueError(f"growth: shape {tuple(growth.shape)}, expected {tuple(own.shape)} like own")
+            c, d = c * growth, d * growth * growth
+        return self.moments.update_many(d, c)
 
     def reading(self, level: float = 0.9) -> dict[str, float]:
         """``lr_ratio`` with its ``level`` interval (``lr_ratio_lo``, ``lr_ratio_hi``; NaN with
@@ -181,8 +194,6 @@ class LossTrend:
     """
 
     def __init__(self, window: int = 200) -> None:
-        from lightning_gradnoise._validate import check_int
-
         self.window = check_int("window", window, low=3)
         self.steps: list[float] = []
         self.losses: list[float] = []
@@ -202,9 +213,15 @@ class LossTrend:
             del self.steps[0], self.losses[0]
         return True
 
-    def slope_interval(self, level: float = 0.9) -> tuple[float, float]:
-        """``(lo, hi)`` of the loss's slope per step; ``(nan, nan)`` with fewer than 4 steps."""
+    def slope_interval(self, level: float = 0.9, last: Optional[int] = None) -> tuple[float, float]:
+        """``(lo, hi)`` of the loss's slope per step, over all kept steps or the ``last`` ones;
+        ``(nan, nan)`` with fewer than 4 steps."""
         level = check_number("level", level, low=0, low_open=True, high=1, high_open=True)
+        if last is not None:
+            last = check_int("last", last, low=4)
+            kept = LossTrend(max(last, 3))
+            kept.steps, kept.losses = self.steps[-last:], self.losses[-last:]
+            return kept.slope_interval(level)
         n = len(self.steps)
         if n < 4:
             return math.nan, math.nan
