@@ -6,8 +6,10 @@ SGD, with the noise of the step's own batch removed). :class:`StepSizeController
 learning rate:
 
 - up, when :math:`r`'s whole interval lies above ``band`` (the step is too short: a learning
-  rate too small, or the signal still dominating), toward :math:`r` times itself, at most
-  ``step_factor`` per decision;
+  rate too small, or the signal still dominating), taking the interval's low end to the band's
+  top, at most ``step_factor`` per decision;
+- down, by ``shrink_factor``, when the training loss rises: past the edge of stability
+  :math:`r` reads 0.5-0.7 at any rate and cannot tell a rate too large;
 - down, by 1/sqrt(``shrink_factor``) to 1/``shrink_factor``, once the training loss has stopped
   falling since the last change and :math:`r`'s interval is not above 1: at the current rate's
   noise floor :math:`r \to 1/2`, and where the steepest directions oscillate it sits at 0.5-0.7
@@ -169,10 +171,11 @@ class StepSizeController:
     r"""Moves a learning-rate multiplier so that the step sits within ``band`` of the best step
     along its own direction (:math:`r`, :class:`~lightning_gradnoise.stats.StepSizeRatio`).
 
-    Outside the band (the whole interval of :math:`r` on one side) the multiplier changes by
-    :math:`r^\text{gain}` to grow, at most ``step_factor``, and by
-    :math:`(r/\sqrt{\text{low}\cdot\text{high}})^\text{gain}` to shrink, at most ``shrink_factor``
-    (larger: an overshooting rate costs more than a short one), never past ``[min_scale, max_scale]``. Nothing
+    Above the band (the whole interval of :math:`r` above it) the multiplier grows by
+    :math:`(r_\text{lo}/\text{high})^\text{gain}`, at most ``step_factor``: the interval's low end
+    is taken to the band's top. It shrinks by :math:`(r/\sqrt{\text{low}\cdot\text{high}})^\text{gain}`
+    once the loss has stopped falling, and by ``shrink_factor`` when it rises, at most
+    ``shrink_factor`` per decision, never past ``[min_scale, max_scale]``. Nothing
     moves before ``min_pairs`` pairs of steps have been measured since the last change
     (and none before optimizer step ``first_steps``), and the
     reading is tested once per ``min_pairs`` pairs (a 90% interval tested at every step would
@@ -181,7 +184,7 @@ class StepSizeController:
 
     Examples:
         >>> c = StepSizeController(first_steps=0)
-        >>> c.decide(ratio=5.0, interval=(3.0, 8.0), scale=1.0, step=10, pairs=10).value   # 10x too small
+        >>> c.decide(ratio=6.0, interval=(4.5, 9.0), scale=1.0, step=10, pairs=10).value   # 10x too small
         2.0
         >>> c.decide(ratio=0.5, interval=(0.3, 0.65), scale=1.5, step=20, pairs=10, loss_slope=(-0.01, 0.02)).value   # at the floor
         0.75
