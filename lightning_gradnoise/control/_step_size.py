@@ -9,7 +9,7 @@ learning rate:
   rate too small, or the signal still dominating), taking the interval's low end to the band's
   top, at most ``step_factor`` per decision;
 - down, by ``shrink_factor``, when the training loss rises: past the edge of stability
-  :math:`r` reads 0.5-0.7 at any rate and cannot tell a rate too large;
+  :math:`r` reads about 0.5-0.9 at any rate and cannot tell a rate too large;
 - down, by 1/sqrt(``shrink_factor``) to 1/``shrink_factor``, once the training loss has stopped
   falling since the last change and :math:`r`'s interval is not above 1: at the current rate's
   noise floor :math:`r \to 1/2`, and where the steepest directions oscillate it sits at 0.5-0.7
@@ -231,7 +231,7 @@ class StepSizeController:
         (:class:`~lightning_gradnoise.stats.LossTrend`; ``None``: not known yet).
 
         - Lower by ``shrink_factor`` when the loss rises (``recent_slope`` wholly above zero):
-          the rate is past the edge of stability, where :math:`r` reads 0.5-0.7 at any rate and
+          the rate is past the edge of stability, where :math:`r` reads about 0.5-0.9 at any rate and
           cannot tell. Over the last ``min_pairs`` steps it is tested on the first
           ``2 * min_pairs`` pairs at a rate and batch (an unstable rate shows within them; later, a
           noise floor's slow wander would trip a test that takes the steps as independent), from
