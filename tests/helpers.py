@@ -199,12 +199,30 @@ LAUNCH_TIMEOUT_S = float(os.environ.get("GRADNOISE_TEST_LAUNCH_TIMEOUT", 300))
 
 
 def launch_two_processes(worker, out, scenario: str, cwd=None, **opts) -> list[dict]:
-    """Run ``worker SCENARIO OUT key=value ...`` (it starts two ranks) and read each rank's JSON.
+    """Run ``worker SCENARIO OUT key=value ...`` as two ranks and read each rank's JSON.
 
-    One thread per process: two processes of two threads each on two cores spend their time
-    waiting for each other at every collective."""
+    Both ranks start at once, as a cluster launcher starts them (``LOCAL_RANK`` set, so Lightning
+    does not start the second itself once the first has imported everything): their start-up
+    overlaps. One thread per process: two processes of two threads each on two cores spend their
+    time waiting for each other at every collective."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     args = [sys.executable, str(worker), scenario, str(out)] + [f"{k}={v}" for k, v in opts.items()]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=cwd)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", WORLD_SIZE="2")
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                              env=dict(env, LOCAL_RANK=str(r), RANK=str(r))) for r in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
