@@ -52,8 +52,9 @@ class LRAdapter(CallbackBase):
     products with the gradient that made it and the gradient after it, with the noise of the
     step's own batch removed (:class:`~lightning_gradnoise.stats.StepSizeRatio`, the noise from
     the monitor's :math:`B_\text{simple}`). The ratio :math:`r` says how many times longer the best
-    step along that direction would be; the rate moves when :math:`r`'s interval lies wholly
-    outside ``band`` (:class:`~lightning_gradnoise.control.StepSizeController`), and the
+    step along that direction would be; the rate rises when :math:`r`'s interval lies wholly
+    above ``band``, and falls when the training loss rises, or has stopped falling with
+    :math:`r` below 1 (:class:`~lightning_gradnoise.control.StepSizeController`), and the
     measurement starts afresh after every change. Works with ``torch.optim`` SGD (with or
     without momentum), Adam and AdamW, and needs a :class:`GradNoiseMonitor` measuring
     ``b_simple``.
