@@ -133,14 +133,28 @@ ORDERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def resolved_strategies() -> dict[str, subprocess.CompletedProcess]:
+    """Each import order in a fresh interpreter, all started at once (their imports overlap)."""
+    procs = {}
+    for order, (first, second) in ORDERS.items():
+        code = textwrap.dedent(f"""
+            {first}
+            {second}
+            from lightning_gradnoise.strategies import STRATEGY_NAMES
+            trainer = L.Trainer(accelerator="cpu", devices=1, strategy="gnddp", logger=False, enable_progress_bar=False)
+            print(type(trainer.strategy).__name__, all(name in L.strategies.StrategyRegistry for name in STRATEGY_NAMES))
+        """)
+        procs[order] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = {}
+    for order, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        done[order] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
 @pytest.mark.parametrize("order", list(ORDERS), ids=list(ORDERS))
-def test_gnddp_resolves_in_either_namespace_whichever_is_imported_first(order: str) -> None:
-    first, second = ORDERS[order]
-    out = _fresh(f"""
-        {first}
-        {second}
-        from lightning_gradnoise.strategies import STRATEGY_NAMES
-        trainer = L.Trainer(accelerator="cpu", devices=1, strategy="gnddp", logger=False, enable_progress_bar=False)
-        print(type(trainer.strategy).__name__, all(name in L.strategies.StrategyRegistry for name in STRATEGY_NAMES))
-    """)
-    assert out.split()[-2:] == ["GradNoiseDDPStrategy", "True"]
+def test_gnddp_resolves_in_either_namespace_whichever_is_imported_first(order: str, resolved_strategies) -> None:
+    run = resolved_strategies[order]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["GradNoiseDDPStrategy", "True"]
