@@ -228,8 +228,7 @@ class LRAdapter(CallbackBase):
         if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
             return  # one adapter moves per step
         interval = (reading["lr_ratio_lo"], reading["lr_ratio_hi"])
-        self._falling = False  # until the loss has been seen falling at this rate and batch
-        slope, recent = self._loss_slopes(trainer)
+        slope, recent, self._falling = self._loss_slopes(trainer)
         decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope, recent)
         if decision.changed:
             self._apply(trainer, decision.value, decision.reason)
@@ -252,27 +251,27 @@ class LRAdapter(CallbackBase):
         ``True`` for ``gr_t``). :class:`BatchSizeAdapter` shrinks the batch only then."""
         return self.rule == "gr_t" or self._falling
 
-    def _loss_slopes(self, trainer: Any) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]]]:
+    def _loss_slopes(self, trainer: Any) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]], bool]:
         """The intervals of the loss's slope since the last change (``None`` with fewer than
-        ``2 * min_pairs`` steps) and over the last ``min_pairs`` steps (``None`` with fewer),
-        from every rank's losses (each rank sees only its own batches; every rank tests at the
-        same step, since the ratio comes from all-reduced gradients)."""
+        ``2 * min_pairs`` steps) and over the last ``min_pairs`` steps (``None`` with fewer), and
+        whether it fell over the last ``2 * min_pairs`` (``False`` with fewer), from every rank's
+        losses (each rank sees only its own batches; every rank tests at the same step, since the
+        ratio comes from all-reduced gradients)."""
         every = self.controller.min_pairs
         if len(self.trend.losses) < every:
-            return None, None
+            return None, None, False
         trend = self.trend
         if trainer.world_size > 1:
             losses = trainer.strategy.reduce(torch.tensor(self.trend.losses, dtype=torch.float64), reduce_op="mean")
             trend = LossTrend(self.trend.window)
             trend.steps, trend.losses = list(self.trend.steps), losses.tolist()
         level = self.monitor.level
-        # one-sided at the monitor's level: the rule asks only whether the loss rises
         one_sided = max(2.0 * level - 1.0, 0.5)  # the rule asks only whether the loss rises, or falls
         recent = trend.slope_interval(one_sided, last=every)
         if len(trend.losses) < 2 * every:
-            return None, recent
-        self._falling = trend.slope_interval(one_sided, last=2 * every)[1] < 0
-        return trend.slope_interval(level), recent
+            return None, recent, False
+        falling = trend.slope_interval(one_sided, last=2 * every)[1] < 0
+        return trend.slope_interval(level), recent, falling
 
     def _gr_t_step(self, trainer: Any) -> None:
         latest = self.monitor.latest

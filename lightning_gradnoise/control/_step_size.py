@@ -11,9 +11,9 @@ learning rate:
 - down, by ``shrink_factor``, when the training loss rises: past the edge of stability
   :math:`r` reads about 0.5-0.9 at any rate and cannot tell a rate too large;
 - down, by 1/sqrt(``shrink_factor``) to 1/``shrink_factor``, once the training loss has stopped
-  falling since the last change and :math:`r`'s interval is not above 1: at the current rate's
-  noise floor :math:`r \to 1/2`, and where the steepest directions oscillate it sits at 0.5-0.7
-  whatever the rate;
+  falling since the last change, :math:`r` is below 1 (or undetermined) and its interval is not
+  above the band: at the current rate's noise floor :math:`r \to 1/2`, and where the steepest
+  directions oscillate it sits at 0.5-0.7 whatever the rate;
 - not at all otherwise, in particular when :math:`r` reads below the band while the loss still
   falls. :math:`r` alone never lowers the rate: the greedy optimum falls toward zero as a run nears
   its noise floor, and following it would anneal too early (short-horizon bias, Wu et al. 2018).
@@ -277,7 +277,7 @@ class StepSizeController:
         flat = loss_slope is not None and not math.isnan(loss_slope[1]) and loss_slope[0] + loss_slope[1] >= 0
         slope = f"loss slope {loss_slope[0]:.3g} to {loss_slope[1]:.3g} per step" if loss_slope is not None else ""
         if lo > high:
-            # toward the band's middle from the interval's low end: a noisy high reading does not overshoot
+            # the interval's low end to the band's top: a noisy high reading does not overshoot
             factor = min((lo / high) ** self.gain, self.step_factor)
             why = f"{shown} above {high:g}: the step is too short, raise the learning rate"
         elif flat and not (hi > high) and not ratio >= 1.0:  # NaN: the step does not descend

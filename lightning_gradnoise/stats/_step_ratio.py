@@ -219,7 +219,7 @@ class LossTrend:
         level = check_number("level", level, low=0, low_open=True, high=1, high_open=True)
         if last is not None:
             last = check_int("last", last, low=4)
-            kept = LossTrend(max(last, 3))
+            kept = LossTrend(last)
             kept.steps, kept.losses = self.steps[-last:], self.losses[-last:]
             return kept.slope_interval(level)
         n = len(self.steps)
