@@ -229,7 +229,38 @@ def test_adapters_in_a_fit_compose_with_a_scheduler_and_resume_exactly(tmp_path)
     assert t2.accumulate_grad_batches == trainer.accumulate_grad_batches
     assert bsa2.decisions == bsa.decisions and lra2.decisions == lra.decisions
     assert bsa2.lr_scale == bsa.lr_scale and lra2.lr_scale == lra.lr_scale
+    assert math.isfinite(lra.loss_limit) and lra2.loss_limit == lra.loss_limit
     assert torch.equal(m2.lin.weight, model.lin.weight)
+
+
+def _linreg_losses(lr: float, adapt: bool) -> tuple[list[float], LRAdapter]:
+    L = ns("lightning.pytorch")
+    truth = LinRegTruth(d=8, seed=1)
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    lra = LRAdapter()
+    callbacks = [GradNoiseMonitor(statistics=("b_simple",)), lra, Record()] if adapt else [Record()]
+    L.Trainer(**trainer_kwargs(accumulate_grad_batches=2, callbacks=callbacks)).fit(
+        linreg_module("lightning.pytorch", truth, lr=lr, batch=16, n_batches=128))
+    return losses, lra
+
+
+def test_a_rate_that_diverges_from_the_first_step_is_lowered_until_training_recovers() -> None:
+    # plain SGD at twice the stable rate: left fixed, the loss grows without bound
+    fixed, _ = _linreg_losses(2.0, adapt=False)
+    assert not (max(fixed[-10:]) < 1e3)
+    losses, lra = _linreg_losses(2.0, adapt=True)
+    diverged = [(step, why) for step, why in lra.decisions if "diverges" in why]
+    assert diverged and diverged[0][0] <= 12, lra.decisions  # at the first test, before r is read
+    assert all(f"above {lra.loss_limit:.4g}" in why for _, why in diverged)
+    # a stable rate: the limit is set, never crossed; the lowered run ends at its loss level
+    steady, calm = _linreg_losses(0.3, adapt=True)
+    assert sum(losses[-20:]) < 1.5 * sum(steady[-20:])
+    assert math.isfinite(calm.loss_limit) and calm.loss_limit > losses[0] and not any("diverges" in why for _, why in calm.decisions)
 
 
 def test_adapters_need_the_monitor() -> None:

@@ -221,6 +221,44 @@ def test_a_rising_loss_lowers_the_rate_whatever_r_reads_and_caps_a_raise() -> No
     assert (restored.ceiling, restored.last_action, restored.last_change) == (c.ceiling, c.last_action, c.last_change)
 
 
+def test_a_loss_back_above_where_the_run_started_lowers_the_rate_from_the_first_test() -> None:
+    c = StepSizeController()
+    # a start that falls 0.05 a step with noise 0.01: L_0 = 2.3 on the fitted line, not the first (noisy) loss
+    g = torch.Generator().manual_seed(0)
+    first = [2.3 - 0.05 * i + 0.01 * float(torch.randn(1, generator=g)) for i in range(10)]
+    limit = c.loss_limit(first)
+    residuals = [v - (2.3 - 0.05 * i) for i, v in enumerate(first)]
+    assert 2.3 * 1.1 < limit < 2.3 * 1.1 + 5 * 0.03 and max(residuals) < 0.03
+    assert math.isnan(c.loss_limit([2.3, math.nan, 2.2])) and c.loss_limit([2.3, math.nan, 2.2, 2.1]) > 2.5
+    assert StepSizeController(rise_limit=math.inf).loss_limit(first) == math.inf  # the test turned off
+    # step 10, before r is read (step 20): a peak above the limit lowers, one below does not
+    assert not c.decide(0.6, (0.5, 0.7), scale=1.0, step=10, pairs=10, peak_loss=limit - 0.01, loss_limit=limit).changed
+    down = c.decide(0.6, (0.5, 0.7), scale=1.0, step=10, pairs=10, peak_loss=4.1, loss_limit=limit)
+    assert down.changed and down.value == 0.5 and "diverges" in down.reason and f"{limit:.4g}" in down.reason
+    assert c.ceiling == math.inf and c.last_action == "lower"
+    # whatever r reads: even a step that looks too short
+    assert c.decide(8.0, (4.0, 20.0), scale=0.5, step=30, pairs=10, peak_loss=4.1, loss_limit=limit).value == 0.25
+    assert c.decide(8.0, (4.0, 20.0), scale=0.25, step=40, pairs=10, peak_loss=4.1, loss_limit=math.nan).value == 0.5  # no limit yet
+
+
+def test_the_divergence_test_never_fires_on_the_noisy_quadratic_from_a_slow_start(monkeypatch) -> None:
+    # NQM at B = 16 from 10x below its best rate: the batch loss's noise is about 20% of the loss, and a
+    # limit without its noise term (or with three times a 10-loss estimate of it) fired there by chance
+    h = 1.0 / torch.arange(1, 101, dtype=torch.float64)
+    fired = []
+    original = StepSizeController.decide
+
+    def watching(self, *args, **kwargs):
+        decision = original(self, *args, **kwargs)
+        fired.append("diverges" in decision.reason)
+        return decision
+
+    monkeypatch.setattr(StepSizeController, "decide", watching)
+    for seed in range(5):
+        _nqm_with_the_rule(h, h.clone(), 16, 0.0188, 0.02, seed)
+    assert len(fired) > 100 and not any(fired)
+
+
 def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, target: float, seed: int) -> tuple[int, float]:
     """SGD on a noisy quadratic (2 gradient groups per step, the loss of each batch observed) with
     the line-search rule as LRAdapter runs it: tr(Sigma) from an EMA of the groups' spread, J = lr.
@@ -228,7 +266,7 @@ def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, 
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(h.numel(), generator=g, dtype=torch.float64)
     rule, ratio, trend = StepSizeController(), StepSizeRatio(0.9), LossTrend(window=200)
-    scale, pending, prev, trace_ema, weight = 1.0, None, None, 0.0, 0.0
+    scale, pending, prev, trace_ema, weight, first, limit = 1.0, None, None, 0.0, 0.0, [], math.nan
     for step in range(5000):
         loss = float(0.5 * (h * theta * theta).sum())
         if loss <= target:
@@ -242,6 +280,8 @@ def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, 
         if prev is not None and pending is not None:
             ratio.update(pending[0], float(prev @ ghat), pending[1])
         trend.update(step, loss + float(noise.mean(0) @ theta))
+        if len(first) < rule.min_pairs:
+            first.append(trend.losses[-1])
         eta = lr * scale
         prev = eta * ghat
         pending = (float(prev @ ghat), eta * trace_ema / weight / batch)
@@ -252,7 +292,10 @@ def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, 
         interval = (r["lr_ratio_lo"], r["lr_ratio_hi"])
         slope = trend.slope_interval() if len(trend.losses) >= 2 * rule.min_pairs else None
         recent = trend.slope_interval(last=rule.min_pairs)
-        decision = rule.decide(r["lr_ratio"], interval, scale, step, ratio.count, slope, recent)
+        if math.isnan(limit):
+            limit = rule.loss_limit(first)
+        peak = max(trend.losses[-rule.min_pairs:])
+        decision = rule.decide(r["lr_ratio"], interval, scale, step, ratio.count, slope, recent, peak, limit)
         if decision.changed:
             scale = decision.value
             ratio.reset()

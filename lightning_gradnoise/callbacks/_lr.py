@@ -85,6 +85,10 @@ class LRAdapter(CallbackBase):
         step_factor: the most one decision multiplies the rate by (default 2 for the line
             search; 1.5 for ``gr_t``, which divides by it too).
         shrink_factor: line search: the most one decision divides the rate by.
+        rise_limit: line search: a step's training loss above where the run started, by this
+            fraction of it (and five times the first losses' noise), lowers the rate at once as
+            divergent (:meth:`~lightning_gradnoise.control.StepSizeController.loss_limit`);
+            ``math.inf`` turns it off, for losses that may rise by design.
         gain: the power of the move (default 1 for the line search, 0.5 for ``gr_t``).
         min_scale: lower bound on the product of all moves.
         max_scale: upper bound on the product of all moves.
@@ -93,7 +97,7 @@ class LRAdapter(CallbackBase):
     def __init__(self, rule: str = "line_search", target: float | str = 20.0, tolerance: float = 1.5,
                  step_factor: Optional[float] = None, cooldown: int = 50, min_scale: float = 1e-3, max_scale: float = 1e3,
                  gain: Optional[float] = None, band: tuple[float, float] = (0.7, 2.0), min_pairs: int = 10, decay: float = 0.9,
-                 shrink_factor: float = 2.0) -> None:
+                 shrink_factor: float = 2.0, rise_limit: float = 0.1) -> None:
         self.rule = check_choice("rule", rule, ("line_search", "gr_t"))
         step_factor = check_optional(check_number, "step_factor", step_factor, low=1, low_open=True)
         gain = check_optional(check_number, "gain", gain, low=0, low_open=True)
@@ -101,7 +105,7 @@ class LRAdapter(CallbackBase):
         by_gr_t = LRController(target=target, tolerance=tolerance, step_factor=step_factor or 1.5, cooldown=cooldown,
                                min_scale=min_scale, max_scale=max_scale, gain=gain or 0.5)
         by_line_search = StepSizeController(band=band, step_factor=step_factor or 2.0, shrink_factor=shrink_factor, gain=gain or 1.0, min_pairs=min_pairs,
-                                            min_scale=min_scale, max_scale=max_scale)
+                                            min_scale=min_scale, max_scale=max_scale, rise_limit=rise_limit)
         self.controller: Any = by_gr_t if self.rule == "gr_t" else by_line_search
         self.ratio = StepSizeRatio(decay)
         self.trend = LossTrend(window=200)
@@ -118,6 +122,7 @@ class LRAdapter(CallbackBase):
         self._accumulate: Optional[int] = None
         self._probe_state: Optional[dict] = None
         self._falling = False
+        self._loss_limit = math.nan
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -228,13 +233,21 @@ class LRAdapter(CallbackBase):
         if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
             return  # one adapter moves per step
         interval = (reading["lr_ratio_lo"], reading["lr_ratio_hi"])
-        slope, recent, self._falling = self._loss_slopes(trainer)
-        decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope, recent)
+        slope, recent, self._falling, peak = self._loss_slopes(trainer)
+        decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope, recent,
+                                          peak, self._loss_limit)
         if decision.changed:
             self._apply(trainer, decision.value, decision.reason)
             self.ratio.reset()
             self.trend.reset()
             self._pending = None
+
+    @property
+    def loss_limit(self) -> float:
+        """The training loss above which a step's loss lowers the rate as divergent (line search;
+        NaN until the first test): where the run started, plus ``rise_limit`` of it and five times
+        its noise (:meth:`~lightning_gradnoise.control.StepSizeController.loss_limit`)."""
+        return self._loss_limit
 
     @property
     def settled(self) -> bool:
@@ -251,27 +264,31 @@ class LRAdapter(CallbackBase):
         ``True`` for ``gr_t``). :class:`BatchSizeAdapter` shrinks the batch only then."""
         return self.rule == "gr_t" or self._falling
 
-    def _loss_slopes(self, trainer: Any) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]], bool]:
+    def _loss_slopes(self, trainer: Any) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]], bool, Optional[float]]:
         """The intervals of the loss's slope since the last change (``None`` with fewer than
-        ``2 * min_pairs`` steps) and over the last ``min_pairs`` steps (``None`` with fewer), and
-        whether it fell over the last ``2 * min_pairs`` (``False`` with fewer), from every rank's
-        losses (each rank sees only its own batches; every rank tests at the same step, since the
-        ratio comes from all-reduced gradients)."""
+        ``2 * min_pairs`` steps) and over the last ``min_pairs`` steps (``None`` with fewer),
+        whether it fell over the last ``2 * min_pairs`` (``False`` with fewer), and the highest
+        step loss over the last ``min_pairs`` steps, from every rank's losses (each rank sees only
+        its own batches; every rank tests at the same step, since the ratio comes from all-reduced
+        gradients). The run's first ``min_pairs`` losses set the divergence limit."""
         every = self.controller.min_pairs
         if len(self.trend.losses) < every:
-            return None, None, False
+            return None, None, False, None
         trend = self.trend
         if trainer.world_size > 1:
             losses = trainer.strategy.reduce(torch.tensor(self.trend.losses, dtype=torch.float64), reduce_op="mean")
             trend = LossTrend(self.trend.window)
             trend.steps, trend.losses = list(self.trend.steps), losses.tolist()
+        if math.isnan(self._loss_limit):
+            self._loss_limit = self.controller.loss_limit(trend.losses[:every])
+        peak = max(trend.losses[-every:])
         level = self.monitor.level
         one_sided = max(2.0 * level - 1.0, 0.5)  # the rule asks only whether the loss rises, or falls
         recent = trend.slope_interval(one_sided, last=every)
         if len(trend.losses) < 2 * every:
-            return None, recent, False
+            return None, recent, False, peak
         falling = trend.slope_interval(one_sided, last=2 * every)[1] < 0
-        return trend.slope_interval(level), recent, falling
+        return trend.slope_interval(level), recent, falling, peak
 
     def _gr_t_step(self, trainer: Any) -> None:
         latest = self.monitor.latest
@@ -305,7 +322,7 @@ class LRAdapter(CallbackBase):
         return {"rule": self.rule, "controller": self.controller.state_dict(), "lr_scale": self.lr_scale,
                 "decisions": list(self.decisions), "ratio": self.ratio.state_dict(), "probe": probe,
                 "pending": self._pending, "accumulate": self._accumulate, "trend": self.trend.state_dict(),
-                "falling": self._falling}
+                "falling": self._falling, "loss_limit": self._loss_limit}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rule = state_dict.get("rule", "gr_t")
@@ -321,6 +338,7 @@ class LRAdapter(CallbackBase):
             self._pending = None if pending is None else (*pending, 1.0)[:3]  # saved without growth: 1
             self._accumulate = state_dict["accumulate"]
             self._falling = bool(state_dict.get("falling", False))
+            self._loss_limit = float(state_dict.get("loss_limit", math.nan))
             if self.probe is not None and state_dict["probe"] is not None:
                 self.probe.load_state_dict(state_dict["probe"])
             else:

@@ -8,8 +8,10 @@ learning rate:
 - up, when :math:`r`'s whole interval lies above ``band`` (the step is too short: a learning
   rate too small, or the signal still dominating), taking the interval's low end to the band's
   top, at most ``step_factor`` per decision;
-- down, by ``shrink_factor``, when the training loss rises: past the edge of stability
-  :math:`r` reads about 0.5-0.9 at any rate and cannot tell a rate too large;
+- down, by ``shrink_factor``, when a step's training loss climbs back above where the run
+  started (by ``rise_limit`` of it and five times its noise, :meth:`StepSizeController.loss_limit`),
+  or when the loss's trend rises: past the edge of stability :math:`r` reads
+  about 0.5-0.9 at any rate and cannot tell a rate too large;
 - down, by 1/sqrt(``shrink_factor``) to 1/``shrink_factor``, once the training loss has stopped
   falling since the last change, :math:`r` is below 1 (or undetermined) and its interval is not
   above the band: at the current rate's noise floor :math:`r \to 1/2`, and where the steepest
@@ -175,7 +177,9 @@ class StepSizeController:
     :math:`(r_\text{lo}/\text{high})^\text{gain}`, at most ``step_factor``: the interval's low end
     is taken to the band's top. It shrinks by :math:`(r/\sqrt{\text{low}\cdot\text{high}})^\text{gain}`
     once the loss has stopped falling, and by ``shrink_factor`` when it rises, at most
-    ``shrink_factor`` per decision, never past ``[min_scale, max_scale]``. Nothing
+    ``shrink_factor`` per decision, never past ``[min_scale, max_scale]``; by ``shrink_factor``
+    too when a step's loss climbs back above where the run started (:meth:`loss_limit`, with
+    ``rise_limit``; ``math.inf`` turns that test off). Nothing
     moves before ``min_pairs`` pairs of steps have been measured since the last change
     (and none before optimizer step ``first_steps``), and the
     reading is tested once per ``min_pairs`` pairs (a 90% interval tested at every step would
@@ -200,6 +204,7 @@ class StepSizeController:
     first_steps: int = 20
     min_scale: float = 1e-3
     max_scale: float = 1e3
+    rise_limit: float = 0.1
     last_change: int = 0
     ceiling: float = math.inf
     raised_last: bool = False
@@ -217,19 +222,54 @@ class StepSizeController:
         self.first_steps = check_int("first_steps", self.first_steps, low=0)
         self.min_scale = check_number("min_scale", self.min_scale, low=0, low_open=True, high=1)
         self.max_scale = check_number("max_scale", self.max_scale, low=1)
+        self.rise_limit = check_number("rise_limit", self.rise_limit, low=0, low_open=True, finite=False)
         self.last_change = check_int("last_change", self.last_change, low=0)
         self.ceiling = check_number("ceiling", self.ceiling, low=0, low_open=True, finite=False)
         if self.last_action not in _ACTIONS:
             fail("last_action", self.last_action, f"one of {', '.join(_ACTIONS)}")
 
+    def loss_limit(self, first_losses: Sequence[float]) -> float:
+        r"""The training loss above which a step's loss says the rate diverges, from the run's
+        first losses, one per step: where the run started, :math:`L_0` (their least-squares line
+        at the first step), plus ``rise_limit`` of it, plus five times their step-to-step noise
+        :math:`s` (1.4826 times the median absolute residual from that line):
+        :math:`L_0 + \text{rise\_limit}\,|L_0| + 5 s`. Five, because :math:`s` from ten losses is
+        itself uncertain: with three, a noisy quadratic whose batch loss varies by 20% fired by
+        chance on 2 runs of 5. A stable rate does not take a batch's loss
+        back above where training started; one a few times too large does within a few dozen
+        steps, often before the loss's trend rises (momentum SGD on the digits benchmark at 2-3x
+        its best rate). NaN with fewer than 3 finite losses; ``rise_limit=math.inf`` turns the
+        test off.
+
+        Examples:
+            >>> round(StepSizeController().loss_limit([2.3, 2.2, 2.1, 2.0]), 6)   # no noise: L_0 = 2.3
+            2.53
+        """
+        losses = torch.tensor(check_numbers("first_losses", first_losses, finite=False, nan_ok=True), dtype=torch.float64)
+        steps = torch.arange(len(losses), dtype=torch.float64)[losses.isfinite()]
+        losses = losses[losses.isfinite()]
+        if len(losses) < 3:
+            return math.nan
+        xc = steps - steps.mean()
+        slope = float((xc * (losses - losses.mean())).sum() / xc.square().sum())
+        start = float(losses.mean()) - slope * float(steps.mean() - steps[0])
+        spread = 1.4826 * float((losses - losses.mean() - slope * xc).abs().median())
+        return start + self.rise_limit * abs(start) + 5.0 * spread
+
     def decide(self, ratio: float, interval: tuple[float, float], scale: float, step: int, pairs: int,
-               loss_slope: tuple[float, float] | None = None, recent_slope: tuple[float, float] | None = None) -> Decision:
+               loss_slope: tuple[float, float] | None = None, recent_slope: tuple[float, float] | None = None,
+               peak_loss: float | None = None, loss_limit: float | None = None) -> Decision:
         """The multiplier for the next steps, from :math:`r` and its interval measured over
         ``pairs`` pairs of steps at the current multiplier ``scale``; ``loss_slope``, the
         interval of the training loss's slope per step since the last change, and
         ``recent_slope``, over the last ``min_pairs`` steps
-        (:class:`~lightning_gradnoise.stats.LossTrend`; ``None``: not known yet).
+        (:class:`~lightning_gradnoise.stats.LossTrend`; ``None``: not known yet); ``peak_loss``,
+        the highest step loss over the last ``min_pairs`` steps, and ``loss_limit``, the run's
+        :meth:`loss_limit`.
 
+        - Lower by ``shrink_factor`` when ``peak_loss`` exceeds ``loss_limit``: the loss has
+          climbed back above where the run started, so the rate diverges (tested from the start,
+          like the rise below).
         - Lower by ``shrink_factor`` when the loss rises (``recent_slope`` wholly above zero):
           the rate is past the edge of stability, where :math:`r` reads about 0.5-0.9 at any rate and
           cannot tell. Over the last ``min_pairs`` steps it is tested on the first
@@ -254,11 +294,18 @@ class StepSizeController:
             loss_slope = tuple(check_numbers("loss_slope", loss_slope, length=2, finite=False, nan_ok=True))  # type: ignore[assignment]
         if recent_slope is not None:
             recent_slope = tuple(check_numbers("recent_slope", recent_slope, length=2, finite=False, nan_ok=True))  # type: ignore[assignment]
+        if peak_loss is not None:
+            peak_loss = check_number("peak_loss", peak_loss, finite=False, nan_ok=True)
+        if loss_limit is not None:
+            loss_limit = check_number("loss_limit", loss_limit, finite=False, nan_ok=True)
         low, high = self.band
         if pairs < self.min_pairs:
             return Decision(scale, False, f"{pairs} of {self.min_pairs} step pairs measured at this learning rate")
         if pairs % self.min_pairs:
             return Decision(scale, False, f"{pairs} step pairs measured: tested every {self.min_pairs}")
+        if peak_loss is not None and loss_limit is not None and peak_loss > loss_limit:
+            return self._move(scale, 1.0 / self.shrink_factor, step,
+                              f"loss {peak_loss:.4g} above {loss_limit:.4g}, where the run started: the rate diverges, lower it")
         early_rise = recent_slope is not None and recent_slope[0] > 0 and pairs <= 2 * self.min_pairs
         if early_rise or (loss_slope is not None and loss_slope[0] > 0):
             # a rising loss at a fixed rate and batch: unstable, whatever r reads
