@@ -305,7 +305,8 @@ class StepSizeController:
             return Decision(scale, False, f"{pairs} step pairs measured: tested every {self.min_pairs}")
         if peak_loss is not None and loss_limit is not None and peak_loss > loss_limit:
             return self._move(scale, 1.0 / self.shrink_factor, step,
-                              f"loss {peak_loss:.4g} above {loss_limit:.4g}, where the run started: the rate diverges, lower it")
+                              f"loss {peak_loss:.4g} above {loss_limit:.4g} (where the run started, plus {self.rise_limit:.0%} and 5x its "
+                              f"step-to-step noise): the rate diverges, lower it")
         early_rise = recent_slope is not None and recent_slope[0] > 0 and pairs <= 2 * self.min_pairs
         if early_rise or (loss_slope is not None and loss_slope[0] > 0):
             # a rising loss at a fixed rate and batch: unstable, whatever r reads
