@@ -132,6 +132,37 @@ def test_ema_bias_correction_and_non_finite() -> None:
     assert float(clone.compute()) == float(ema2.compute()) and clone.decay == 0.5
 
 
+def test_the_float_update_gives_the_bits_of_the_tensor_update() -> None:
+    # LRAdapter feeds its step-ratio moments one step at a time: in floats, to the same bits
+    from lightning_gradnoise.stats._interval import EMAMoments
+
+    g = torch.Generator().manual_seed(0)
+    xs = (torch.randn(300, generator=g, dtype=torch.float64) * 10 ** (torch.rand(300, generator=g) * 10 - 5)).tolist()
+    ys = (torch.randn(300, generator=g, dtype=torch.float64) * 3 + 1).tolist()
+    xs[7], ys[40] = math.inf, math.nan
+    by_tensor, by_float = EMAMoments(0.9), EMAMoments(0.9)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        by_tensor.update_many(torch.tensor([x], dtype=torch.float64), torch.tensor([y], dtype=torch.float64))
+        assert by_float.update(x, y) == (math.isfinite(x) and math.isfinite(y))
+        if i % 37 == 0:
+            for mine, theirs in ((by_float.means(), by_tensor.means()), (by_float.mean_covariance(), by_tensor.mean_covariance())):
+                assert all(torch.equal(a, b) or (a.isnan() and b.isnan()) for a, b in zip(mine, theirs))
+    for key in ("x", "y", "xx", "yy", "xy"):
+        a, b = by_tensor.ema(key), by_float.ema(key)
+        assert (a.count, a.rejected) == (b.count, b.rejected) and torch.equal(a.state_dict()["sum"], b.state_dict()["sum"])
+    # a float-fed average saves as a tensor, resumes, and mixes with tensor updates
+    ema = BiasCorrectedEMA(0.5)
+    assert ema.update_float(1.0) and not ema.update_float(math.inf) and ema.rejected == 1
+    clone = BiasCorrectedEMA(0.5)
+    clone.load_state_dict(ema.state_dict())
+    assert clone.update_float(3.0) and ema.update(torch.tensor(3.0))
+    assert float(clone.compute()) == float(ema.compute()) == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
+    vector = BiasCorrectedEMA(0.5)
+    vector.update(torch.ones(2))
+    with pytest.raises(ValueError, match="shape"):
+        vector.update_float(1.0)
+
+
 @pytest.mark.parametrize("decay", [-0.1, 1.0, 2])
 def test_ema_rejects_bad_decay(decay) -> None:
     with pytest.raises(ValueError, match="decay"):

@@ -10,6 +10,7 @@ and every rank computes the same numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -76,11 +77,15 @@ class StepProbe:
             out = float(torch.stack(terms).sum()) if terms else None
         if self._buffer is None:
             self._buffer = [None] * len(self.params)
+        kept, now = [], []
         for i, p, _ in self._with_grads():
             if self._buffer[i] is None:
                 self._buffer[i] = p.detach().clone()
             else:
-                self._buffer[i].copy_(p)
+                kept.append(self._buffer[i])
+                now.append(p.detach())
+        if kept:
+            torch._foreach_copy_(kept, now)  # one call, not one per tensor
         for i, p in enumerate(self.params):
             if p.grad is None:
                 self._buffer[i] = None
@@ -109,8 +114,9 @@ class StepProbe:
             sq = _dot(g, g)
             g2.append(sq)
             jg2.append((g.to(torch.float64).square() * j).sum() if isinstance(j, Tensor) else float(j) * sq)
-            moved.append(buf.abs().max())
-        self._holds_step = bool(moved) and bool(torch.stack(moved).max() > 0)
+            moved.append(buf)
+        # one fused call for "did the step move anything" (a skipped step moves nothing)
+        self._holds_step = bool(moved) and bool(torch.stack(torch._foreach_norm(moved, math.inf)).max() > 0)
         if not self._holds_step:
             return None
         return float(torch.stack(own).sum()), float(torch.stack(jg2).sum()), float(torch.stack(g2).sum())

@@ -163,6 +163,18 @@ class EMAMoments:
         self._ema["x"].rejected += n - x.shape[0]
         return int(x.shape[0])
 
+    def update(self, x: float, y: float) -> bool:
+        """:meth:`update_many` for one step of two numbers, in plain float arithmetic (the same
+        bits, microseconds instead of a dozen tensor operations); a non-finite one is refused in
+        both. Returns whether it was folded in."""
+        x, y = check_number("x", x, finite=False, nan_ok=True), check_number("y", y, finite=False, nan_ok=True)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            self._ema["x"].rejected += 1
+            return False
+        for key, value in (("x", x), ("y", y), ("xx", x * x), ("yy", y * y), ("xy", x * y)):
+            self._ema[key].update_float(value)
+        return True
+
     def means(self) -> tuple[Tensor, Tensor]:
         """The bias-corrected EMA means of ``x`` and ``y`` (NaN before the first step)."""
         return self._ema["x"].compute(), self._ema["y"].compute()

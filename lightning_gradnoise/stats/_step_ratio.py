@@ -129,8 +129,7 @@ class StepSizeRatio:
         d = c - next_
         if not (math.isfinite(c) and math.isfinite(d)):
             return False
-        return self.moments.update_many(torch.tensor([d * growth * growth], dtype=torch.float64),
-                                        torch.tensor([c * growth], dtype=torch.float64)) == 1
+        return self.moments.update(d * growth * growth, c * growth)
 
     def update_many(self, own: Tensor, next_: Tensor, noise: Tensor, growth: Optional[Tensor] = None) -> int:
         """:meth:`update` for many steps at once (1-D tensors of one length, in step order;
