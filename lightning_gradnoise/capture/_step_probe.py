@@ -10,7 +10,6 @@ and every rank computes the same numbers.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -115,8 +114,13 @@ class StepProbe:
             g2.append(sq)
             jg2.append((g.to(torch.float64).square() * j).sum() if isinstance(j, Tensor) else float(j) * sq)
             moved.append(buf)
-        # one fused call for "did the step move anything" (a skipped step moves nothing)
-        self._holds_step = bool(moved) and bool(torch.stack(torch._foreach_norm(moved, math.inf)).max() > 0)
+        # did the step move anything (a skipped step moves nothing; a NaN step counts as none):
+        # max |step| from each tensor's min and max, without allocating |step|
+        if moved:
+            ends = torch.stack([torch.stack(torch.aminmax(b)) for b in moved])
+            self._holds_step = bool(torch.maximum(-ends[:, 0], ends[:, 1]).max() > 0)
+        else:
+            self._holds_step = False
         if not self._holds_step:
             return None
         return float(torch.stack(own).sum()), float(torch.stack(jg2).sum()), float(torch.stack(g2).sum())
