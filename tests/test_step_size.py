@@ -94,6 +94,28 @@ def test_noise_coupling_is_the_derivative_of_the_step_in_the_current_gradient(ma
 
 
 @pytest.mark.parametrize("make", [
+    lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01),
+    lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, amsgrad=True),
+], ids=["adam", "adamw-amsgrad"])
+def test_adams_coupling_in_float32_matches_float64(make) -> None:
+    # float32 parameters get J in float32 (no float64 copy of the moments every step): the same
+    # J as the float64 computation of the same state, to float32's precision
+    torch.manual_seed(0)
+    w64 = nn.Parameter(torch.randn(1000, dtype=torch.float64))
+    w32 = nn.Parameter(w64.detach().float())
+    opt64, opt32 = make([w64]), make([w32])
+    for _ in range(5):
+        grad = torch.randn(1000, dtype=torch.float64) * torch.logspace(-4, 1, 1000, dtype=torch.float64)
+        w64.grad, w32.grad = grad.clone(), grad.float()
+        opt64.step()
+        opt32.step()
+    (j64,), (j32,) = noise_coupling(opt64, [w64]), noise_coupling(opt32, [w32])
+    assert j64.dtype == torch.float64 and j32.dtype == torch.float32
+    assert torch.allclose(j32.double(), j64, rtol=1e-4, atol=1e-5 * float(j64.abs().max()))  # J crosses zero in places
+    assert float((w32.grad.square() * j32).sum(dtype=torch.float64)) == pytest.approx(float((w64.grad.square() * j64).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("make", [
     lambda p: torch.optim.SGD(p, lr=0.1),
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, dampening=0.5),

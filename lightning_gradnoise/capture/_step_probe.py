@@ -112,7 +112,7 @@ class StepProbe:
             j = per_param[i]
             sq = _dot(g, g)
             g2.append(sq)
-            jg2.append((g.to(torch.float64).square() * j).sum() if isinstance(j, Tensor) else float(j) * sq)
+            jg2.append((g.to(j.dtype).square() * j).sum(dtype=torch.float64) if isinstance(j, Tensor) else float(j) * sq)
             moved.append(buf)
         # did the step move anything (a skipped step moves nothing; a NaN step counts as none):
         # max |step| from each tensor's min and max, without allocating |step|
