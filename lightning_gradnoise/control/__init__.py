@@ -9,7 +9,8 @@ from lightning_gradnoise.control._controllers import (
     gr_t_target,
     lr_rule_for,
 )
-from lightning_gradnoise.control._step_size import LINE_SEARCH_OPTIMIZERS, StepSizeController, noise_coupling, step_growth
+from lightning_gradnoise.control._coupling import LINE_SEARCH_OPTIMIZERS, noise_coupling, step_growth
+from lightning_gradnoise.control._step_size import StepSizeController
 
 __all__ = [
     "ADAM_STYLE",
