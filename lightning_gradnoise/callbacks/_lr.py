@@ -233,7 +233,10 @@ class LRAdapter(CallbackBase):
         if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
             return  # one adapter moves per step
         interval = (reading["lr_ratio_lo"], reading["lr_ratio_hi"])
-        slope, recent, self._falling, peak = self._loss_slopes(trainer)
+        trend = self._reduced_trend(trainer)
+        if trend is not None and math.isnan(self._loss_limit):
+            self._loss_limit = self.controller.loss_limit(trend.losses[:self.controller.min_pairs])
+        slope, recent, self._falling, peak = self._loss_slopes(trend)
         decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope, recent,
                                           peak, self._loss_limit)
         if decision.changed:
@@ -264,23 +267,27 @@ class LRAdapter(CallbackBase):
         ``True`` for ``gr_t``). :class:`BatchSizeAdapter` shrinks the batch only then."""
         return self.rule == "gr_t" or self._falling
 
-    def _loss_slopes(self, trainer: Any) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]], bool, Optional[float]]:
-        """The intervals of the loss's slope since the last change (``None`` with fewer than
-        ``2 * min_pairs`` steps) and over the last ``min_pairs`` steps (``None`` with fewer),
-        whether it fell over the last ``2 * min_pairs`` (``False`` with fewer), and the highest
-        step loss over the last ``min_pairs`` steps, from every rank's losses (each rank sees only
-        its own batches; every rank tests at the same step, since the ratio comes from all-reduced
-        gradients). The run's first ``min_pairs`` losses set the divergence limit."""
-        every = self.controller.min_pairs
-        if len(self.trend.losses) < every:
+    def _reduced_trend(self, trainer: Any) -> Optional[LossTrend]:
+        """The losses since the last change, averaged over ranks (each rank sees only its own
+        batches; every rank tests at the same step, since the ratio comes from all-reduced
+        gradients); ``None`` with fewer than ``min_pairs``."""
+        if len(self.trend.losses) < self.controller.min_pairs:
+            return None
+        if trainer.world_size == 1:
+            return self.trend
+        losses = trainer.strategy.reduce(torch.tensor(self.trend.losses, dtype=torch.float64), reduce_op="mean")
+        trend = LossTrend(self.trend.window)
+        trend.steps, trend.losses = list(self.trend.steps), losses.tolist()
+        return trend
+
+    def _loss_slopes(self, trend: Optional[LossTrend]) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]], bool, Optional[float]]:
+        """From :meth:`_reduced_trend`: the intervals of the loss's slope since the last change
+        (``None`` with fewer than ``2 * min_pairs`` steps) and over the last ``min_pairs`` steps
+        (``None`` with fewer), whether it fell over the last ``2 * min_pairs`` (``False`` with
+        fewer), and the highest step loss over the last ``min_pairs`` steps."""
+        if trend is None:
             return None, None, False, None
-        trend = self.trend
-        if trainer.world_size > 1:
-            losses = trainer.strategy.reduce(torch.tensor(self.trend.losses, dtype=torch.float64), reduce_op="mean")
-            trend = LossTrend(self.trend.window)
-            trend.steps, trend.losses = list(self.trend.steps), losses.tolist()
-        if math.isnan(self._loss_limit):
-            self._loss_limit = self.controller.loss_limit(trend.losses[:every])
+        every = self.controller.min_pairs
         peak = max(trend.losses[-every:])
         level = self.monitor.level
         one_sided = max(2.0 * level - 1.0, 0.5)  # the rule asks only whether the loss rises, or falls

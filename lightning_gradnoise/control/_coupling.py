@@ -107,10 +107,10 @@ def step_growth(optimizer: Any, steps: int) -> float:
     has built up, after ``steps`` optimizer steps (the one just taken included).
 
     ``torch.optim.SGD``'s momentum buffer starts at the first gradient and then sums
-    :math:`\mu^k (1 - 	ext{dampening})` times the later ones, so at a constant gradient its step
-    grows from :math:`\eta g` to :math:`\eta g (1 - 	ext{dampening})/(1 - \mu)` (ten times, at
+    :math:`\mu^k (1 - \text{dampening})` times the later ones, so at a constant gradient its step
+    grows from :math:`\eta g` to :math:`\eta g (1 - \text{dampening})/(1 - \mu)` (ten times, at
     :math:`\mu = 0.9`) over a few times :math:`1/(1-\mu)` steps:
-    :math:`f = u_\infty/u_t` with :math:`u_t = \mu^{t-1} + (1-	ext{dampening})(1-\mu^{t-1})/(1-\mu)`
+    :math:`f = u_\infty/u_t` with :math:`u_t = \mu^{t-1} + (1-\text{dampening})(1-\mu^{t-1})/(1-\mu)`
     (Nesterov: :math:`1 + \mu u_t`). Adam and AdamW correct their moments' bias, so their step
     does not grow: 1. Several parameter groups: the mean over their elements.
 

@@ -38,6 +38,7 @@ from lightning_gradnoise.control._controllers import Decision
 __all__ = ["StepSizeController"]
 
 _ACTIONS = ("none", "hold", "raise", "lower")
+_NOISE_MULTIPLE = 5.0  # of the first losses' noise in the divergence limit (loss_limit)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class StepSizeController:
         slope = float((xc * (losses - losses.mean())).sum() / xc.square().sum())
         start = float(losses.mean()) - slope * float(steps.mean() - steps[0])
         spread = 1.4826 * float((losses - losses.mean() - slope * xc).abs().median())
-        return start + self.rise_limit * abs(start) + 5.0 * spread
+        return start + self.rise_limit * abs(start) + _NOISE_MULTIPLE * spread
 
     def decide(self, ratio: float, interval: tuple[float, float], scale: float, step: int, pairs: int,
                loss_slope: tuple[float, float] | None = None, recent_slope: tuple[float, float] | None = None,
@@ -179,7 +180,7 @@ class StepSizeController:
             return Decision(scale, False, f"{pairs} step pairs measured: tested every {self.min_pairs}")
         if peak_loss is not None and loss_limit is not None and peak_loss > loss_limit:
             return self._move(scale, 1.0 / self.shrink_factor, step,
-                              f"loss {peak_loss:.4g} above {loss_limit:.4g} (where the run started, plus {self.rise_limit:.0%} and 5x its "
+                              f"loss {peak_loss:.4g} above {loss_limit:.4g} (where the run started, plus {self.rise_limit:.0%} and {_NOISE_MULTIPLE:g}x its "
                               f"step-to-step noise): the rate diverges, lower it")
         early_rise = recent_slope is not None and recent_slope[0] > 0 and pairs <= 2 * self.min_pairs
         if early_rise or (loss_slope is not None and loss_slope[0] > 0):
