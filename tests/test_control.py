@@ -230,6 +230,7 @@ def test_adapters_in_a_fit_compose_with_a_scheduler_and_resume_exactly(tmp_path)
     assert bsa2.decisions == bsa.decisions and lra2.decisions == lra.decisions
     assert bsa2.lr_scale == bsa.lr_scale and lra2.lr_scale == lra.lr_scale
     assert math.isfinite(lra.loss_limit) and lra2.loss_limit == lra.loss_limit
+    assert lra._batch_lr == bsa.lr_scale and (lra2._batch_lr, lra2.controller.early_rise) == (lra._batch_lr, lra.controller.early_rise)
     assert torch.equal(m2.lin.weight, model.lin.weight)
 
 

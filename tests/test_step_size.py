@@ -267,18 +267,24 @@ def test_the_divergence_test_never_fires_on_the_noisy_quadratic_from_a_slow_star
     # NQM at B = 16 from 10x below its best rate: the batch loss's noise is about 20% of the loss, and a
     # limit without its noise term (or with three times a 10-loss estimate of it) fired there by chance
     h = 1.0 / torch.arange(1, 101, dtype=torch.float64)
-    fired = []
-    original = StepSizeController.decide
+    fired = {"decide": [], "diverged": []}
 
-    def watching(self, *args, **kwargs):
-        decision = original(self, *args, **kwargs)
-        fired.append("diverges" in decision.reason)
-        return decision
+    def watch(name):
+        original = getattr(StepSizeController, name)
 
-    monkeypatch.setattr(StepSizeController, "decide", watching)
+        def watching(self, *args, **kwargs):
+            decision = original(self, *args, **kwargs)
+            fired[name].append("diverges" in decision.reason)
+            return decision
+
+        monkeypatch.setattr(StepSizeController, name, watching)
+
+    watch("decide")
+    watch("diverged")
     for seed in range(5):
         _nqm_with_the_rule(h, h.clone(), 16, 0.0188, 0.02, seed)
-    assert len(fired) > 100 and not any(fired)
+    assert len(fired["decide"]) > 100 and len(fired["diverged"]) > 1000  # tested at every step
+    assert not any(fired["decide"]) and not any(fired["diverged"])
 
 
 def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, target: float, seed: int) -> tuple[int, float]:
@@ -304,18 +310,24 @@ def _nqm_with_the_rule(h: torch.Tensor, c: torch.Tensor, batch: int, lr: float, 
         trend.update(step, loss + float(noise.mean(0) @ theta))
         if len(first) < rule.min_pairs:
             first.append(trend.losses[-1])
+            limit = rule.loss_limit(first) if len(first) == rule.min_pairs else math.nan
         eta = lr * scale
         prev = eta * ghat
         pending = (float(prev @ ghat), eta * trace_ema / weight / batch)
         theta = theta - prev
+        if not math.isnan(limit):  # after every step, as LRAdapter tests it
+            decision = rule.diverged(trend.losses[-1], limit, scale, step, len(trend.losses))
+            if decision.changed:
+                scale, pending = decision.value, None
+                ratio.reset()
+                trend.reset()
+                continue
         if ratio.count < rule.min_pairs or ratio.count % rule.min_pairs:
             continue
         r = ratio.reading()
         interval = (r["lr_ratio_lo"], r["lr_ratio_hi"])
         slope = trend.slope_interval() if len(trend.losses) >= 2 * rule.min_pairs else None
         recent = trend.slope_interval(last=rule.min_pairs)
-        if math.isnan(limit):
-            limit = rule.loss_limit(first)
         peak = max(trend.losses[-rule.min_pairs:])
         decision = rule.decide(r["lr_ratio"], interval, scale, step, ratio.count, slope, recent, peak, limit)
         if decision.changed:
@@ -339,3 +351,48 @@ def test_on_the_noisy_quadratic_the_rule_settles_near_the_best_constant_rate(bat
     settled = statistics.median(lr for _, lr in runs)
     assert best / 1.5 <= settled <= best * 1.5 * (1 + 1e-9), (settled / best, runs)
     assert statistics.median(s for s, _ in runs) <= steps
+
+
+def test_the_early_rise_test_is_skipped_after_a_change_that_did_not_raise_the_rate() -> None:
+    c = StepSizeController(early_rise=False)  # as after a batch change that lowered the rate
+    rising = (0.01, 0.08)
+    assert not c.decide(0.6, (0.5, 0.7), scale=1.0, step=30, pairs=10, recent_slope=rising).changed
+    assert c.decide(0.6, (0.5, 0.7), scale=1.0, step=40, pairs=20, recent_slope=rising).reason.endswith("keep the rate")
+    # the slope since the change is still tested, and a change of rate tests its first steps again
+    down = c.decide(0.6, (0.5, 0.7), scale=1.0, step=50, pairs=30, loss_slope=(0.001, 0.002))
+    assert down.changed and down.value == 0.5 and c.early_rise
+    assert c.decide(0.6, (0.5, 0.7), scale=0.5, step=60, pairs=10, recent_slope=rising).value == 0.25
+    c.early_rise = False
+    restored = StepSizeController()
+    restored.load_state_dict(c.state_dict())
+    assert restored.early_rise is False
+    with pytest.raises(ValueError, match="early_rise"):
+        StepSizeController(early_rise=1)
+
+
+def test_a_batch_change_tests_the_loss_rise_only_when_it_raised_the_rate() -> None:
+    from lightning_gradnoise import BatchSizeAdapter, LRAdapter
+
+    lra = LRAdapter()
+    lra._batch_changed()  # no BatchSizeAdapter: whatever changed the batch may have raised the rate
+    assert lra.controller.early_rise
+    lra.batch_adapter = BatchSizeAdapter()
+    for scale, tested in ((0.5, False), (0.5, False), (1.0, True), (0.7, False), (2.0, True)):
+        lra.controller.last_action = "hold"
+        lra.batch_adapter.lr_scale = scale
+        lra._batch_changed()
+        assert lra.controller.early_rise is tested and lra.controller.last_action == "none", scale
+    assert lra.state_dict()["batch_lr"] == 2.0
+
+
+def test_the_divergence_test_after_every_step_waits_min_pairs_steps_at_a_rate() -> None:
+    c = StepSizeController()
+    assert not c.diverged(2.4, 2.5, scale=1.0, step=12, steps=12).changed  # below the limit
+    assert not c.diverged(math.nan, 2.5, scale=1.0, step=12, steps=12).changed  # a NaN loss never fires
+    assert not c.diverged(4.0, math.inf, scale=1.0, step=12, steps=12).changed  # rise_limit=inf: no limit
+    assert not c.diverged(4.0, 2.5, scale=1.0, step=9, steps=9).changed  # fewer than min_pairs steps at the rate
+    down = c.diverged(4.0, 2.5, scale=1.0, step=12, steps=10)
+    assert down.changed and down.value == 0.5 and "diverges" in down.reason and c.last_change == 12
+    # the lowered rate gets min_pairs steps to bring the loss back below the limit
+    assert not c.diverged(3.0, 2.5, scale=0.5, step=15, steps=3).changed
+    assert c.diverged(math.inf, 2.5, scale=0.5, step=22, steps=10).value == 0.25

@@ -123,6 +123,7 @@ class LRAdapter(CallbackBase):
         self._probe_state: Optional[dict] = None
         self._falling = False
         self._loss_limit = math.nan
+        self._batch_lr = 1.0  # BatchSizeAdapter's learning-rate factor at the last batch change
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -167,18 +168,30 @@ class LRAdapter(CallbackBase):
             return
         following = self.probe.before_step()
         if trainer.accumulate_grad_batches != self._accumulate:
-            # a new batch, its learning rate rescaled by BatchSizeAdapter: measure afresh (keeping
-            # the pairs before it made the learning rate overshoot after batch changes)
             self._accumulate = trainer.accumulate_grad_batches
-            self.ratio.reset()
-            self.trend.reset()
-            self._pending = None
-            self.controller.last_action = "none"  # not yet tested at this batch
+            self._batch_changed()
         if following is not None and self._pending is not None:
             own, noise, growth = self._pending
             self.ratio.update(own, following, noise, growth=growth)
         self._pending = None
         self._stepped = True
+
+    def _batch_changed(self) -> None:
+        """A new batch, its learning rate rescaled by :class:`BatchSizeAdapter`: measure afresh
+        (keeping the pairs before it made the learning rate overshoot after batch changes), and
+        test the loss's rise over the first steps only if the change raised the learning rate: a
+        change that lowered or kept it cannot have made the rate unstable, and a one-sided 90% test
+        on a flat, noisy loss trips one time in ten (the slope since the change is still tested)."""
+        self.ratio.reset()
+        self.trend.reset()
+        self._pending = None
+        self.controller.last_action = "none"  # not yet tested at this batch
+        if self.batch_adapter is None:  # changed by something else: assume the worst
+            self.controller.early_rise = True
+            return
+        batch_lr = self.batch_adapter.lr_scale
+        self.controller.early_rise = batch_lr > self._batch_lr * (1 + 1e-9)
+        self._batch_lr = batch_lr
 
     def _noise_per_batch(self, examples: int) -> float:
         r""":math:`\mathrm{tr}(\Sigma)/B` for the step just taken, :math:`B` = ``examples`` (all
@@ -205,8 +218,8 @@ class LRAdapter(CallbackBase):
         if not self._stepped or self.probe is None:
             return
         self._stepped = False
-        if self._step_loss:
-            self.trend.update(trainer.global_step, float(torch.stack(self._step_loss).sum()))
+        step_loss = self._rank_mean(trainer, torch.stack(self._step_loss).sum()) if self._step_loss else math.nan
+        self.trend.update(trainer.global_step, step_loss)
         examples, self._step_loss, self._step_examples = self._step_examples * trainer.world_size, [], 0
         optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
         measured = self.probe.after_step(noise_coupling(optimizer, self.probe.params))
@@ -217,6 +230,8 @@ class LRAdapter(CallbackBase):
             # the gradient's energy: tr(Sigma)/B * sum J g^2 / |g|^2 (exact for SGD, where J is one number)
             # counted as the step momentum will have built up to (SGD's buffer starts at one gradient)
             self._pending = (own, noise * jg2 / g2, step_growth(optimizer, max(trainer.global_step, 1)))
+        if self._diverged(trainer, step_loss):
+            return
         pairs, every = self.ratio.count, self.controller.min_pairs
         logging = self.monitor.latest is not self._seen
         testing = pairs >= every and pairs % every == 0  # the rule tests its reading once per min_pairs pairs
@@ -233,9 +248,7 @@ class LRAdapter(CallbackBase):
         if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
             return  # one adapter moves per step
         interval = (reading["lr_ratio_lo"], reading["lr_ratio_hi"])
-        trend = self._reduced_trend(trainer)
-        if trend is not None and math.isnan(self._loss_limit):
-            self._loss_limit = self.controller.loss_limit(trend.losses[:self.controller.min_pairs])
+        trend = self.trend if len(self.trend.losses) >= every else None
         slope, recent, self._falling, peak = self._loss_slopes(trend)
         decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope, recent,
                                           peak, self._loss_limit)
@@ -248,7 +261,7 @@ class LRAdapter(CallbackBase):
     @property
     def loss_limit(self) -> float:
         """The training loss above which a step's loss lowers the rate as divergent (line search;
-        NaN until the first test): where the run started, plus ``rise_limit`` of it and five times
+        NaN until ``min_pairs`` steps have been taken): where the run started, plus ``rise_limit`` of it and five times
         its noise (:meth:`~lightning_gradnoise.control.StepSizeController.loss_limit`)."""
         return self._loss_limit
 
@@ -267,21 +280,40 @@ class LRAdapter(CallbackBase):
         ``True`` for ``gr_t``). :class:`BatchSizeAdapter` shrinks the batch only then."""
         return self.rule == "gr_t" or self._falling
 
-    def _reduced_trend(self, trainer: Any) -> Optional[LossTrend]:
-        """The losses since the last change, averaged over ranks (each rank sees only its own
-        batches; every rank tests at the same step, since the ratio comes from all-reduced
-        gradients); ``None`` with fewer than ``min_pairs``."""
-        if len(self.trend.losses) < self.controller.min_pairs:
-            return None
+    @staticmethod
+    def _rank_mean(trainer: Any, loss: torch.Tensor) -> float:
+        """A step's training loss averaged over ranks (each sees only its own batches), so that
+        every rank keeps the same losses and takes the same decisions: a loss that is not finite on
+        one rank is not finite on all. One scalar all-reduce a step, on the ranks' device (NCCL
+        reduces no host tensor)."""
         if trainer.world_size == 1:
-            return self.trend
-        losses = trainer.strategy.reduce(torch.tensor(self.trend.losses, dtype=torch.float64), reduce_op="mean")
-        trend = LossTrend(self.trend.window)
-        trend.steps, trend.losses = list(self.trend.steps), losses.tolist()
-        return trend
+            return float(loss)
+        total = trainer.strategy.reduce(loss.detach().double().reshape(1).to(trainer.strategy.root_device), reduce_op="sum")
+        return float(total) / trainer.world_size
+
+    def _diverged(self, trainer: Any, loss: float) -> bool:
+        """The divergence test after every step (:meth:`StepSizeController.diverged`): its limit
+        set from the run's first ``min_pairs`` losses; the rate lowered at once, the measurement
+        started afresh. ``True`` when it lowered the rate."""
+        every = self.controller.min_pairs
+        if math.isnan(self._loss_limit) and len(self.trend.losses) >= every:
+            self._loss_limit = self.controller.loss_limit(self.trend.losses[:every])
+        if math.isnan(loss) or math.isnan(self._loss_limit):
+            return False
+        batch_adapter = self.batch_adapter
+        if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
+            return False  # one adapter moves per step
+        decision = self.controller.diverged(loss, self._loss_limit, self.lr_scale, trainer.global_step, len(self.trend.losses))
+        if not decision.changed:
+            return False
+        self._apply(trainer, decision.value, decision.reason)
+        self.ratio.reset()
+        self.trend.reset()
+        self._pending = None
+        return True
 
     def _loss_slopes(self, trend: Optional[LossTrend]) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]], bool, Optional[float]]:
-        """From :meth:`_reduced_trend`: the intervals of the loss's slope since the last change
+        """From the losses since the last change: the intervals of the loss's slope since the last change
         (``None`` with fewer than ``2 * min_pairs`` steps) and over the last ``min_pairs`` steps
         (``None`` with fewer), whether it fell over the last ``2 * min_pairs`` (``False`` with
         fewer), and the highest step loss over the last ``min_pairs`` steps."""
@@ -329,7 +361,7 @@ class LRAdapter(CallbackBase):
         return {"rule": self.rule, "controller": self.controller.state_dict(), "lr_scale": self.lr_scale,
                 "decisions": list(self.decisions), "ratio": self.ratio.state_dict(), "probe": probe,
                 "pending": self._pending, "accumulate": self._accumulate, "trend": self.trend.state_dict(),
-                "falling": self._falling, "loss_limit": self._loss_limit}
+                "falling": self._falling, "loss_limit": self._loss_limit, "batch_lr": self._batch_lr}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rule = state_dict.get("rule", "gr_t")
@@ -346,6 +378,7 @@ class LRAdapter(CallbackBase):
             self._accumulate = state_dict["accumulate"]
             self._falling = bool(state_dict.get("falling", False))
             self._loss_limit = float(state_dict.get("loss_limit", math.nan))
+            self._batch_lr = float(state_dict.get("batch_lr", 1.0))
             if self.probe is not None and state_dict["probe"] is not None:
                 self.probe.load_state_dict(state_dict["probe"])
             else:

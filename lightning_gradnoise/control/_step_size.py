@@ -82,6 +82,7 @@ class StepSizeController:
     ceiling: float = math.inf
     raised_last: bool = False
     last_action: str = "none"
+    early_rise: bool = True
 
     def __post_init__(self) -> None:
         band = check_numbers("band", self.band, length=2, low=0, low_open=True)
@@ -100,6 +101,8 @@ class StepSizeController:
         self.ceiling = check_number("ceiling", self.ceiling, low=0, low_open=True, finite=False)
         if self.last_action not in _ACTIONS:
             fail("last_action", self.last_action, f"one of {', '.join(_ACTIONS)}")
+        if not isinstance(self.early_rise, bool):
+            fail("early_rise", self.early_rise, "True or False")
 
     def loss_limit(self, first_losses: Sequence[float]) -> float:
         r"""The training loss above which a step's loss says the rate diverges, from the run's
@@ -143,14 +146,17 @@ class StepSizeController:
         :meth:`loss_limit`.
 
         - Lower by ``shrink_factor`` when ``peak_loss`` exceeds ``loss_limit``: the loss has
-          climbed back above where the run started, so the rate diverges (tested from the start,
+          climbed back above where the run started, so the rate diverges (:meth:`diverged` tests
+          it after every step; here it is tested at the tests, from the start,
           like the rise below).
         - Lower by ``shrink_factor`` when the loss rises (``recent_slope`` wholly above zero):
           the rate is past the edge of stability, where :math:`r` reads about 0.5-0.9 at any rate and
           cannot tell. Over the last ``min_pairs`` steps it is tested on the first
           ``2 * min_pairs`` pairs at a rate and batch (an unstable rate shows within them; later, a
           noise floor's slow wander would trip a test that takes the steps as independent), from
-          the start; over all steps since the last change (``loss_slope``), at every test.
+          the start, unless ``early_rise`` is off (``LRAdapter`` turns it off after a batch change
+          that did not raise the rate; any change of rate turns it back on); over all steps since
+          the last change (``loss_slope``), at every test.
         - Raise when :math:`r`'s interval lies above the band: the step is too short.
         - Lower when the loss has stopped falling (its fitted slope is not negative) and the
           step is not too short (:math:`r < 1`, its interval not above the band): at the noise floor of the current rate, or where
@@ -179,10 +185,8 @@ class StepSizeController:
         if pairs % self.min_pairs:
             return Decision(scale, False, f"{pairs} step pairs measured: tested every {self.min_pairs}")
         if peak_loss is not None and loss_limit is not None and peak_loss > loss_limit:
-            return self._move(scale, 1.0 / self.shrink_factor, step,
-                              f"loss {peak_loss:.4g} above {loss_limit:.4g} (where the run started, plus {self.rise_limit:.0%} and {_NOISE_MULTIPLE:g}x its "
-                              f"step-to-step noise): the rate diverges, lower it")
-        early_rise = recent_slope is not None and recent_slope[0] > 0 and pairs <= 2 * self.min_pairs
+            return self._move(scale, 1.0 / self.shrink_factor, step, self._diverges(peak_loss, loss_limit))
+        early_rise = self.early_rise and recent_slope is not None and recent_slope[0] > 0 and pairs <= 2 * self.min_pairs
         if early_rise or (loss_slope is not None and loss_slope[0] > 0):
             # a rising loss at a fixed rate and batch: unstable, whatever r reads
             # (a ceiling only when it follows a raise, as for any lowering: a false alarm must not cap the rate)
@@ -216,6 +220,37 @@ class StepSizeController:
             return Decision(scale, False, f"{shown}" + (f", {slope}" if slope else "") + ": keep the rate")
         return self._move(scale, factor, step, why)
 
+    def diverged(self, loss: float, loss_limit: float, scale: float, step: int, steps: int) -> Decision:
+        r"""The divergence test of :meth:`decide` after every step, not only at its tests: lower
+        the multiplier ``scale`` by ``shrink_factor`` at once when the step's training ``loss``
+        exceeds ``loss_limit`` (:meth:`loss_limit`), once ``min_pairs`` steps have been taken at
+        the current rate and batch (``steps``; a rate just lowered gets as many to bring the loss
+        back down). A diverging rate does its harm within a few steps: on the digits benchmark's
+        learning-rate-3x-too-large start, acting at the step the loss crossed the limit rather
+        than at the next test (up to ``min_pairs`` steps later) took the slowest seed from 4.94 to
+        3.23 times the frontier's cost. The losses it sees are the ones :meth:`decide`'s
+        ``peak_loss`` covers, so it fires by chance no more often; a NaN loss never fires.
+
+        Examples:
+            >>> c = StepSizeController()
+            >>> c.diverged(4.1, loss_limit=2.6, scale=1.0, step=25, steps=15).value
+            0.5
+            >>> c.diverged(4.1, loss_limit=2.6, scale=0.5, step=27, steps=2).changed   # just lowered
+            False
+        """
+        loss = check_number("loss", loss, finite=False, nan_ok=True)
+        loss_limit = check_number("loss_limit", loss_limit, finite=False, nan_ok=True)
+        scale = check_number("scale", scale, low=0, low_open=True)
+        check_int("step", step, low=0)
+        steps = check_int("steps", steps, low=0)
+        if steps < self.min_pairs or not loss > loss_limit:
+            return Decision(scale, False, f"loss {loss:.4g}, limit {loss_limit:.4g}, {steps} steps at this rate")
+        return self._move(scale, 1.0 / self.shrink_factor, step, self._diverges(loss, loss_limit))
+
+    def _diverges(self, loss: float, loss_limit: float) -> str:
+        return (f"loss {loss:.4g} above {loss_limit:.4g} (where the run started, plus {self.rise_limit:.0%} and {_NOISE_MULTIPLE:g}x its "
+                f"step-to-step noise): the rate diverges, lower it")
+
     def _move(self, scale: float, factor: float, step: int, why: str) -> Decision:
         new = min(max(scale * factor, self.min_scale), self.max_scale)
         if factor > 1:  # never back to a rate that has overshot (the steepest directions stay steep)
@@ -231,14 +266,16 @@ class StepSizeController:
             return Decision(scale, False, why + ", but the scale is at its bound")
         self.last_action = "raise" if factor > 1 else "lower"
         self.last_change = step
+        self.early_rise = True  # a new rate: test it over its first steps
         return Decision(new, True, why + f": x{new / scale:.3g}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_change": self.last_change, "ceiling": self.ceiling, "raised_last": self.raised_last,
-                "last_action": self.last_action}
+                "last_action": self.last_action, "early_rise": self.early_rise}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_change = int(state["last_change"])
         self.ceiling = float(state["ceiling"])
         self.raised_last = bool(state["raised_last"])
         self.last_action = str(state.get("last_action", "none"))
+        self.early_rise = bool(state.get("early_rise", True))
