@@ -288,7 +288,11 @@ class LRAdapter(CallbackBase):
         reduces no host tensor)."""
         if trainer.world_size == 1:
             return float(loss)
-        total = trainer.strategy.reduce(loss.detach().double().reshape(1).to(trainer.strategy.root_device), reduce_op="sum")
+        total = loss.detach().double().reshape(1).to(trainer.strategy.root_device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)  # the strategy's reduce adds a barrier: a second collective a step
+        else:
+            total = trainer.strategy.reduce(total, reduce_op="sum")
         return float(total) / trainer.world_size
 
     def _diverged(self, trainer: Any, loss: float) -> bool:
