@@ -179,8 +179,9 @@ class LRAdapter(CallbackBase):
     def _batch_changed(self) -> None:
         """A new batch, its learning rate rescaled by :class:`BatchSizeAdapter`: measure afresh
         (keeping the pairs before it made the learning rate overshoot after batch changes), and
-        test the loss's rise over the first steps only if the change raised the learning rate
-        (:attr:`StepSizeController.early_rise`)."""
+        test the loss's rise over the first steps only if the change raised the learning rate: a
+        change that lowered or kept it cannot have made the rate unstable, and a one-sided 90% test
+        on a flat, noisy loss trips one time in ten (the slope since the change is still tested)."""
         self.ratio.reset()
         self.trend.reset()
         self._pending = None

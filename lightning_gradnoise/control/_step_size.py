@@ -154,11 +154,9 @@ class StepSizeController:
           cannot tell. Over the last ``min_pairs`` steps it is tested on the first
           ``2 * min_pairs`` pairs at a rate and batch (an unstable rate shows within them; later, a
           noise floor's slow wander would trip a test that takes the steps as independent), from
-          the start, unless ``early_rise`` is off: after a change that lowered the rate, which
-          cannot have made it unstable (a one-sided 90% test on a flat, noisy loss trips one time
-          in ten). A raise turns it on, a lowering off, and ``LRAdapter`` sets it on a batch change
-          by whether that change raised the rate. Over all steps since the last change
-          (``loss_slope``) the rise is tested at every test.
+          the start, unless ``early_rise`` is off (``LRAdapter`` turns it off after a batch change
+          that did not raise the rate; any change of rate turns it back on); over all steps since
+          the last change (``loss_slope``), at every test.
         - Raise when :math:`r`'s interval lies above the band: the step is too short.
         - Lower when the loss has stopped falling (its fitted slope is not negative) and the
           step is not too short (:math:`r < 1`, its interval not above the band): at the noise floor of the current rate, or where
@@ -268,8 +266,7 @@ class StepSizeController:
             return Decision(scale, False, why + ", but the scale is at its bound")
         self.last_action = "raise" if factor > 1 else "lower"
         self.last_change = step
-        # a raised rate may be unstable: test its first steps; a lowered one cannot have become so
-        self.early_rise = factor > 1
+        self.early_rise = True  # a new rate: test it over its first steps
         return Decision(new, True, why + f": x{new / scale:.3g}")
 
     def state_dict(self) -> dict[str, Any]:
