@@ -22,6 +22,16 @@ def char_data(seq: int = 64) -> tuple[torch.Tensor, int]:
     return ids[: n * seq + 1], len(chars)
 
 
+def char_splits(seq: int = 32) -> tuple[int, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The vocabulary size, the training (inputs, next characters) and 256 held-out sequences
+    from the last tenth of the text."""
+    ids, vocab = char_data(seq)
+    n = (len(ids) - 1) // seq
+    x, y = ids[:-1].view(n, seq), ids[1:].view(n, seq)
+    held = n // 10
+    return vocab, (x[:-held], y[:-held]), (x[-held:][:256], y[-held:][:256])
+
+
 class Block(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()

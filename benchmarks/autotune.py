@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 sys.path.insert(0, os.path.dirname(__file__))
-from _charlm import CharLM, char_data  # noqa: E402
+from _charlm import CharLM, char_splits  # noqa: E402
 from digits_monitor import DigitsMLP, L, digits_loaders  # noqa: E402
 
 from lightning_gradnoise import BatchSizeAdapter, GradNoiseMonitor, LRAdapter  # noqa: E402
@@ -87,12 +87,7 @@ def digits_task() -> Task:
 
 
 def charlm_task(seq: int = 32) -> Task:
-    ids, vocab = char_data(seq)
-    n = (len(ids) - 1) // seq
-    x, y = ids[:-1].view(n, seq), ids[1:].view(n, seq)
-    held = n // 10
-    vx, vy = x[-held:][:256], y[-held:][:256]
-    tx, ty = x[:-held], y[:-held]
+    vocab, (tx, ty), (vx, vy) = char_splits(seq)
 
     def loader(micro, seed):
         return independent(TensorDataset(tx, ty), micro, seed)

@@ -33,17 +33,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _charlm import CharLM, char_data  # noqa: E402
+from _charlm import CharLM, char_splits  # noqa: E402
 
 FACTORS = (0.5, 1.0, 2.0)
-
-
-def data(seq: int = 32):
-    ids, vocab = char_data(seq)
-    n = (len(ids) - 1) // seq
-    x, y = ids[:-1].view(n, seq), ids[1:].view(n, seq)
-    held = n // 10
-    return vocab, (x[:-held], y[:-held]), (x[-held:][:256], y[-held:][:256])
 
 
 def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,7 +108,7 @@ def main() -> None:
     if args.window < 13 or args.window > args.branch_steps:
         parser.error(f"--window {args.window}: between 13 and --branch-steps ({args.branch_steps})")
     torch.set_num_threads(args.threads)
-    parts = data()
+    parts = char_splits()
     start = time.time()
     agree = {"train": [0, 0], "probe": [0, 0]}  # [agreeing pairs, pairs]
     biases = []

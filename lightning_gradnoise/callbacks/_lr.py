@@ -182,9 +182,7 @@ class LRAdapter(CallbackBase):
         test the loss's rise over the first steps only if the change raised the learning rate: a
         change that lowered or kept it cannot have made the rate unstable, and a one-sided 90% test
         on a flat, noisy loss trips one time in ten (the slope since the change is still tested)."""
-        self.ratio.reset()
-        self.trend.reset()
-        self._pending = None
+        self._restart()
         self.controller.last_action = "none"  # not yet tested at this batch
         if self.batch_adapter is None:  # changed by something else: assume the worst
             self.controller.early_rise = True
@@ -242,21 +240,29 @@ class LRAdapter(CallbackBase):
             self._seen = self.monitor.latest
             if trainer.is_global_zero:
                 log_scalars(trainer.loggers, {f"gradnoise/{k}": v for k, v in reading.items()}, trainer.global_step)
-        if not testing:
+        if not testing or self._batch_moved(trainer):
             return
-        batch_adapter = self.batch_adapter
-        if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
-            return  # one adapter moves per step
         interval = (reading["lr_ratio_lo"], reading["lr_ratio_hi"])
-        trend = self.trend if len(self.trend.losses) >= every else None
-        slope, recent, self._falling, peak = self._loss_slopes(trend)
-        decision = self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope, recent,
-                                          peak, self._loss_limit)
-        if decision.changed:
-            self._apply(trainer, decision.value, decision.reason)
-            self.ratio.reset()
-            self.trend.reset()
-            self._pending = None
+        slope, recent, self._falling, peak = self._loss_slopes()
+        self._take(trainer, self.controller.decide(reading["lr_ratio"], interval, self.lr_scale, trainer.global_step, pairs, slope,
+                                                   recent, peak, self._loss_limit))
+
+    def _batch_moved(self, trainer: Any) -> bool:
+        """Whether :class:`BatchSizeAdapter` moved the batch at this step: one adapter moves per step."""
+        return self.batch_adapter is not None and self.batch_adapter.last_change == trainer.global_step > 0
+
+    def _take(self, trainer: Any, decision: Any) -> bool:
+        """Apply a decision that changed the rate, and measure afresh at the new one."""
+        if not decision.changed:
+            return False
+        self._apply(trainer, decision.value, decision.reason)
+        self._restart()
+        return True
+
+    def _restart(self) -> None:
+        self.ratio.reset()
+        self.trend.reset()
+        self._pending = None
 
     @property
     def loss_limit(self) -> float:
@@ -302,28 +308,20 @@ class LRAdapter(CallbackBase):
         every = self.controller.min_pairs
         if math.isnan(self._loss_limit) and len(self.trend.losses) >= every:
             self._loss_limit = self.controller.loss_limit(self.trend.losses[:every])
-        if math.isnan(loss) or math.isnan(self._loss_limit):
+        if math.isnan(loss) or math.isnan(self._loss_limit) or self._batch_moved(trainer):
             return False
-        batch_adapter = self.batch_adapter
-        if batch_adapter is not None and batch_adapter.last_change == trainer.global_step > 0:
-            return False  # one adapter moves per step
-        decision = self.controller.diverged(loss, self._loss_limit, self.lr_scale, trainer.global_step, len(self.trend.losses))
-        if not decision.changed:
-            return False
-        self._apply(trainer, decision.value, decision.reason)
-        self.ratio.reset()
-        self.trend.reset()
-        self._pending = None
-        return True
+        return self._take(trainer, self.controller.diverged(loss, self._loss_limit, self.lr_scale, trainer.global_step,
+                                                            len(self.trend.losses)))
 
-    def _loss_slopes(self, trend: Optional[LossTrend]) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]], bool, Optional[float]]:
-        """From the losses since the last change: the intervals of the loss's slope since the last change
-        (``None`` with fewer than ``2 * min_pairs`` steps) and over the last ``min_pairs`` steps
-        (``None`` with fewer), whether it fell over the last ``2 * min_pairs`` (``False`` with
-        fewer), and the highest step loss over the last ``min_pairs`` steps."""
-        if trend is None:
+    def _loss_slopes(self) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]], bool, Optional[float]]:
+        """From the losses since the last change (the ranks' mean, step by step): the intervals of
+        the loss's slope since the last change (``None`` with fewer than ``2 * min_pairs`` steps)
+        and over the last ``min_pairs`` steps (``None`` with fewer), whether it fell over the last
+        ``2 * min_pairs`` (``False`` with fewer), and the highest step loss over the last
+        ``min_pairs`` steps."""
+        trend, every = self.trend, self.controller.min_pairs
+        if len(trend.losses) < every:
             return None, None, False, None
-        every = self.controller.min_pairs
         peak = max(trend.losses[-every:])
         level = self.monitor.level
         one_sided = max(2.0 * level - 1.0, 0.5)  # the rule asks only whether the loss rises, or falls
