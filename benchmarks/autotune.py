@@ -20,9 +20,11 @@ and examples of some frontier point).
 
 The reference point: the grid batch nearest the fit's critical batch E_min/S_min, at its fastest
 learning rate. Four poor starts around it: batch 8x too small, batch 8x too large, learning rate 10x
-too small, 3x too large. Each runs with the adapters (GradNoiseMonitor + BatchSizeAdapter +
-LRAdapter) and left fixed, over the same seeds; the table gives lambda per seed and the median,
-and whether the adapted run is dominated by the fixed one (more steps and more examples).
+too small, 3x too large; and the reference itself, a good start, which says what leaving the
+adapters on costs when nothing needs fixing. Each runs with the adapters (GradNoiseMonitor +
+BatchSizeAdapter + LRAdapter) and left fixed, over the same seeds; the table gives lambda per seed
+and the median, and whether the adapted run is dominated by the fixed one (more steps and more
+examples).
 """
 
 from __future__ import annotations
@@ -74,19 +76,19 @@ def independent(dataset, micro: int, seed: int) -> DataLoader:
                       drop_last=True)
 
 
-def digits_task() -> Task:
+def digits_task(target: float = 0.15) -> Task:
     train, _ = digits_loaders(64, seed=0)
     x, y = train.dataset.tensors
 
     def loss(module):
         return float(nn.functional.cross_entropy(module.net(x), y))
 
-    return Task("digits MLP, SGD momentum 0.9, training loss 0.15", (8, 16, 32, 64, 128, 256, 512, 1024),
-                tuple(0.0125 * 2**i for i in range(7)), 0.15, 1000, 1, lambda lr: DigitsMLP(lr, momentum=0.9),
+    return Task(f"digits MLP, SGD momentum 0.9, training loss {target:g}", (8, 16, 32, 64, 128, 256, 512, 1024),
+                tuple(0.0125 * 2**i for i in range(7)), target, 1000, 1, lambda lr: DigitsMLP(lr, momentum=0.9),
                 lambda micro, seed: independent(train.dataset, micro, seed), loss, 64)
 
 
-def charlm_task(seq: int = 32) -> Task:
+def charlm_task(target: float = 2.0, seq: int = 32) -> Task:
     vocab, (tx, ty), (vx, vy) = char_splits(seq)
 
     def loader(micro, seed):
@@ -96,8 +98,8 @@ def charlm_task(seq: int = 32) -> Task:
         with torch.no_grad():
             return float(nn.functional.cross_entropy(module(vx).flatten(0, 1), vy.flatten()))
 
-    return Task("char transformer LM, AdamW, validation loss 2.0", (4, 8, 16, 32, 64, 128, 256), tuple(1e-3 * 2**i for i in range(5)),
-                2.0, 1500, 5, lambda lr: CharLM(vocab, d=64, layers=2, heads=4, seq=seq, lr=lr), loader, loss, 32)
+    return Task(f"char transformer LM, AdamW, validation loss {target:g}", (4, 8, 16, 32, 64, 128, 256), tuple(1e-3 * 2**i for i in range(5)),
+                target, 1500, 5, lambda lr: CharLM(vocab, d=64, layers=2, heads=4, seq=seq, lr=lr), loader, loss, 32)
 
 
 class StopAtTarget(L.Callback):
@@ -168,21 +170,26 @@ def main() -> None:
     parser.add_argument("--task", choices=("digits", "charlm"), default="digits")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of each poor start, fixed and adapted")
     parser.add_argument("--grid-seeds", type=int, default=3, help="seeds of each grid point")
+    parser.add_argument("--target", type=float, help="the loss to reach (default: digits 0.15, charlm 2.0); lower makes the runs longer")
     parser.add_argument("--lr-rule", choices=("line_search", "gr_t"), default="line_search")
     parser.add_argument("--grid-json", help="keep the grid's medians in this file: read it when it exists (same task and seeds), else write it")
     parser.add_argument("--plot")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    task = digits_task() if args.task == "digits" else charlm_task()
+    if args.target is not None and not (math.isfinite(args.target) and args.target > 0):
+        parser.error(f"--target {args.target}: a positive loss")
+    kw = {} if args.target is None else {"target": args.target}
+    task = digits_task(**kw) if args.task == "digits" else charlm_task(**kw)
     seeds = range(args.seeds)
     began = time.time()
     grid = {}
     if args.grid_json and os.path.exists(args.grid_json):
         with open(args.grid_json) as f:
             kept = json.load(f)
-        if kept["task"] != args.task or kept["grid_seeds"] != args.grid_seeds:
-            parser.error(f"--grid-json {args.grid_json}: made for task {kept['task']} with {kept['grid_seeds']} seeds")
+        made_for = (kept["task"], kept["grid_seeds"], kept.get("target", {"digits": 0.15, "charlm": 2.0}[kept["task"]]))
+        if made_for != (args.task, args.grid_seeds, task.target):
+            parser.error(f"--grid-json {args.grid_json}: made for task {made_for[0]} with {made_for[1]} seeds, target {made_for[2]:g}")
         grid = {(int(b), float(lr)): v for b, lr, v in kept["grid"]}
     else:
         for b in task.batches:
@@ -190,7 +197,7 @@ def main() -> None:
                 grid[b, lr] = median_of([run(task, b, lr, s, None) for s in range(args.grid_seeds)])
         if args.grid_json:
             with open(args.grid_json, "w") as f:
-                json.dump({"task": args.task, "grid_seeds": args.grid_seeds, "grid": [[b, lr, v] for (b, lr), v in grid.items()]}, f)
+                json.dump({"task": args.task, "grid_seeds": args.grid_seeds, "target": task.target, "grid": [[b, lr, v] for (b, lr), v in grid.items()]}, f)
     best = {b: min((lr for bb, lr in grid if bb == b), key=lambda lr: (grid[b, lr]["steps"], grid[b, lr]["examples"])) for b in task.batches}
     front = [(b, best[b]) for b in task.batches if math.isfinite(grid[b, best[b]]["steps"])]
     fit = fit_b_noise([grid[p]["steps"] for p in front], [grid[p]["examples"] for p in front])
@@ -204,6 +211,7 @@ def main() -> None:
         "batch 8x too large": (b_ref * 8, best.get(b_ref * 8, lr_ref)),
         "lr 10x too small": (b_ref, lr_ref / 10),
         "lr 3x too large": (b_ref, lr_ref * 3),
+        "good start": (b_ref, lr_ref),  # what the adapters cost where nothing needs fixing
     }
     adapt = {"rule": args.lr_rule}
     results = {}
