@@ -76,7 +76,10 @@ def independent(dataset, micro: int, seed: int) -> DataLoader:
                       drop_last=True)
 
 
-def digits_task(target: float = 0.15) -> Task:
+TARGETS = {"digits": 0.15, "charlm": 2.0}  # each task's loss to reach, unless --target says otherwise
+
+
+def digits_task(target: float = TARGETS["digits"]) -> Task:
     train, _ = digits_loaders(64, seed=0)
     x, y = train.dataset.tensors
 
@@ -88,7 +91,7 @@ def digits_task(target: float = 0.15) -> Task:
                 lambda micro, seed: independent(train.dataset, micro, seed), loss, 64)
 
 
-def charlm_task(target: float = 2.0, seq: int = 32) -> Task:
+def charlm_task(target: float = TARGETS["charlm"], seq: int = 32) -> Task:
     vocab, (tx, ty), (vx, vy) = char_splits(seq)
 
     def loader(micro, seed):
@@ -170,7 +173,8 @@ def main() -> None:
     parser.add_argument("--task", choices=("digits", "charlm"), default="digits")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of each poor start, fixed and adapted")
     parser.add_argument("--grid-seeds", type=int, default=3, help="seeds of each grid point")
-    parser.add_argument("--target", type=float, help="the loss to reach (default: digits 0.15, charlm 2.0); lower makes the runs longer")
+    parser.add_argument("--target", type=float, help=f"the loss to reach (default: {', '.join(f'{k} {v:g}' for k, v in TARGETS.items())}); "
+                        "lower makes the runs longer")
     parser.add_argument("--lr-rule", choices=("line_search", "gr_t"), default="line_search")
     parser.add_argument("--grid-json", help="keep the grid's medians in this file: read it when it exists (same task and seeds), else write it")
     parser.add_argument("--plot")
@@ -179,15 +183,15 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.target is not None and not (math.isfinite(args.target) and args.target > 0):
         parser.error(f"--target {args.target}: a positive loss")
-    kw = {} if args.target is None else {"target": args.target}
-    task = digits_task(**kw) if args.task == "digits" else charlm_task(**kw)
+    target = TARGETS[args.task] if args.target is None else args.target
+    task = digits_task(target) if args.task == "digits" else charlm_task(target)
     seeds = range(args.seeds)
     began = time.time()
     grid = {}
     if args.grid_json and os.path.exists(args.grid_json):
         with open(args.grid_json) as f:
             kept = json.load(f)
-        made_for = (kept["task"], kept["grid_seeds"], kept.get("target", {"digits": 0.15, "charlm": 2.0}[kept["task"]]))
+        made_for = (kept["task"], kept["grid_seeds"], kept.get("target", TARGETS[kept["task"]]))
         if made_for != (args.task, args.grid_seeds, task.target):
             parser.error(f"--grid-json {args.grid_json}: made for task {made_for[0]} with {made_for[1]} seeds, target {made_for[2]:g}")
         grid = {(int(b), float(lr)): v for b, lr, v in kept["grid"]}
